@@ -1,0 +1,129 @@
+"""Audio decoding, resampling and model input features (Whisper log-mel, Wav2Vec2 normalisation)."""
+
+from __future__ import annotations
+
+import functools
+import io
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+# Whisper's fixed front end.
+N_FFT = 400
+HOP_LENGTH = 160
+WHISPER_SAMPLE_RATE = 16000
+CHUNK_SAMPLES = 30 * WHISPER_SAMPLE_RATE  # 480000
+N_FRAMES = CHUNK_SAMPLES // HOP_LENGTH  # 3000
+
+
+class AudioError(Exception):
+    """An audio file that cannot be read; the message names the file."""
+
+
+def audio_info(path: str | Path) -> tuple[float, int]:
+    """(duration in seconds, sample rate) from the file's header, without decoding."""
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for bad files
+        raise AudioError(f"{path}: cannot read audio header ({_reason(e)})") from None
+    if info.frames <= 0:
+        raise AudioError(f"{path}: no audio frames")
+    return info.frames / info.samplerate, info.samplerate
+
+
+def _reason(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tensor:
+    """Decode wav/flac/mp3/ogg (a path or the file's bytes) to mono float32 at `sample_rate`. Returns (N,)."""
+    name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
+    src = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else str(path)
+    if not isinstance(path, (bytes, bytearray)):
+        p = Path(path)
+        if not p.is_file():
+            raise AudioError(f"{name}: file not found")
+        if p.stat().st_size == 0:
+            raise AudioError(f"{name}: empty file")
+    try:
+        data, sr = sf.read(src, dtype="float32", always_2d=True)  # (N, C)
+    except Exception as e:
+        raise AudioError(f"{name}: cannot decode audio ({_reason(e)})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{name}: no audio frames")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    audio = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+    return resample(audio, sr, sample_rate)
+
+
+def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
+    """Band-limited sinc resampling with torchaudio. (..., N) -> (..., N * new_sr / orig_sr)"""
+    if orig_sr == new_sr:
+        return audio
+    return AF.resample(audio, int(orig_sr), int(new_sr))
+
+
+# ---------------------------------------------------------------------------------------
+# Whisper log-mel spectrogram.
+
+
+@functools.lru_cache(maxsize=4)
+def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
+    """Slaney-style mel filterbank, as Whisper and transformers' WhisperFeatureExtractor use. (n_freqs, n_mels)"""
+    return AF.melscale_fbanks(
+        n_freqs=N_FFT // 2 + 1, f_min=0.0, f_max=8000.0, n_mels=n_mels,
+        sample_rate=WHISPER_SAMPLE_RATE, norm="slaney", mel_scale="slaney",
+    )
+
+
+def pad_or_trim(audio: torch.Tensor, length: int = CHUNK_SAMPLES) -> torch.Tensor:
+    """Zero-pad or cut the last dimension to `length` samples."""
+    n = audio.shape[-1]
+    if n > length:
+        return audio[..., :length]
+    if n < length:
+        return torch.nn.functional.pad(audio, (0, length - n))
+    return audio
+
+
+def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """Whisper's log-mel spectrogram: (B, N) 16 kHz audio, zero-padded or cut to 30 s -> (B, n_mels, 3000).
+
+    Runs on the audio's device. Padding beyond a clip's length must be zeros (as `collate` makes it).
+    """
+    audio = pad_or_trim(audio.float())  # (B, 480000)
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, 201, 3001)
+    power = (stft[..., :-1].abs() ** 2).contiguous()  # (B, 201, 3000)
+    filters = _mel_filters_cpu(n_mels).to(audio.device)  # (201, n_mels)
+    mel = filters.T @ power  # (B, n_mels, 3000)
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+# ---------------------------------------------------------------------------------------
+# Wav2Vec2-style input normalisation.
+
+
+def normalize_waveform(audio: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Zero mean, unit variance over each clip's first `lengths[b]` samples; padding stays 0. (B, N) -> (B, N)
+
+    Matches transformers' Wav2Vec2FeatureExtractor(do_normalize=True).
+    """
+    audio = audio.float()
+    mask = lengths_to_mask(lengths, audio.shape[1])  # (B, N)
+    n = lengths.clamp(min=1).to(audio.dtype).unsqueeze(1)  # (B, 1)
+    mean = (audio * mask).sum(dim=1, keepdim=True) / n
+    var = (((audio - mean) * mask) ** 2).sum(dim=1, keepdim=True) / n
+    return (audio - mean) / torch.sqrt(var + eps) * mask
+
+
+def lengths_to_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) integer lengths -> (B, max_len) long mask with 1 on real positions."""
+    return (torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]).long()

@@ -1,0 +1,369 @@
+"""Experiment configuration: a tree of typed dataclasses, loaded from TOML.
+
+A TOML file sets only what differs from the defaults below; `--set a.b=v` overrides
+are parsed as TOML values and type-checked. Unknown keys and wrong types raise
+`ConfigError` with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(Exception):
+    """A bad experiment file or override; the message is one line naming the key or file."""
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = True  # deterministic algorithms (CPU runs are then bit-reproducible)
+
+
+@dataclass
+class SourceConfig:
+    """One corpus. `kind` is common_voice | manifest | hf.
+
+    Splits are expressions such as "train+dev": for common_voice the names of the release
+    TSVs, for manifest the manifest files (relative to `path`), for hf the dataset's
+    split names. An empty split means the source has none (e.g. an evaluation-only set).
+    """
+
+    name: str = ""  # defaults to the language, or the folder name
+    kind: str = "common_voice"
+    path: str = ""  # folder (common_voice, manifest, hf on disk) or hub id (hf)
+    language: str = ""  # ISO code, e.g. "tr"; used for Whisper's language token and text rules
+    train: str = "train"
+    dev: str = "dev"
+    test: str = "test"
+    hf_config: str = ""  # hf: the dataset's config name (e.g. "tr" for Common Voice)
+    audio_column: str = ""  # default: "path" (common_voice, manifest) or "audio" (hf)
+    text_column: str = ""  # default: "sentence" (common_voice, hf) or "text" (manifest)
+
+
+@dataclass
+class TextConfig:
+    """Training-side transcript cleaning (evaluation uses `eval.normalizer`)."""
+
+    chars_to_ignore: str = ""  # a regex character class body or full regex; matches are removed
+    replace: dict[str, str] = field(default_factory=dict)  # applied before chars_to_ignore
+    lowercase: bool = False  # language-aware: Turkish/Azeri I->ı, İ->i
+    collapse_whitespace: bool = True
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    sample_rate: int = 16000
+    min_duration_s: float = 0.0
+    max_duration_s: float = 30.0
+    max_label_tokens: int = 448  # Whisper's decoder limit, prefix tokens included
+    batch_size: int = 16  # clips per batch at most (0: no cap)
+    max_batch_s: float = 0.0  # padded seconds of audio per batch at most (0: no cap)
+    num_workers: int = 1
+    vocab: str = "char"  # CTC only: char | sentencepiece
+    sp_model_type: str = "unigram"  # unigram | bpe
+    sp_vocab_size: int = 128
+    report_examples: int = 5  # offending rows kept per reason in data_report.json
+    text: TextConfig = field(default_factory=TextConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "openai/whisper-small"  # hub id or local folder; "" with init="scratch" for a default config
+    family: str = ""  # whisper | ctc; inferred from the model config when empty
+    init: str = "pretrained"  # pretrained | scratch
+    arch: str = "wav2vec2"  # scratch CTC without a name: wav2vec2 | hubert
+    # Size fields for init = "scratch" (0 keeps the base config's value).
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_heads: int = 0
+    intermediate_size: int = 0
+    conv_dim: list[int] = field(default_factory=list)
+    conv_kernel: list[int] = field(default_factory=list)
+    conv_stride: list[int] = field(default_factory=list)
+    # Whisper.
+    language: str = ""  # default language for sources that name none
+    task: str = "transcribe"
+    language_map: dict[str, str] = field(default_factory=dict)  # e.g. {dv = "si"}; "" leaves the token out
+    # CTC encoders.
+    freeze_feature_encoder: bool = True
+    freeze_encoder_steps: int = 0
+    layerdrop: float | None = None  # None keeps the checkpoint's value
+    mask_time_prob: float | None = None
+    mask_time_length: int | None = None
+    mask_feature_prob: float | None = None
+    mask_feature_length: int | None = None
+    attention_dropout: float | None = None
+    hidden_dropout: float | None = None
+    activation_dropout: float | None = None
+    feat_proj_dropout: float | None = None
+    final_dropout: float | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "linear"  # linear | cosine | constant (all after warmup)
+    warmup_steps: int = 0
+    grad_accum: int = 1
+    clip_grad: float = 1.0  # 0 disables clipping
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    loss: str = ""  # a key of asr.losses.LOSSES; "" picks the family's default
+    log_every: int = 10
+    eval_every: int = 500  # 0: only at the end
+    save_every: int = 500  # 0: only at the end
+    keep_last: int = 2
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+
+
+@dataclass
+class EvalConfig:
+    split: str = "dev"  # which split of each source is evaluated during training
+    max_utterances: int = 0  # 0: all; otherwise the first N (quick checks)
+    batch_size: int = 16
+    normalizer: str = "basic"  # basic (Whisper's BasicTextNormalizer)
+    examples: int = 4  # reference/hypothesis pairs shown in TensorBoard
+
+
+@dataclass
+class DecodeConfig:
+    method: str = "greedy"  # greedy | beam
+    beam_size: int = 4
+    max_new_tokens: int = 225
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+# ---------------------------------------------------------------------------------------
+# Building a typed tree from plain TOML values.
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return _build(tp, value, key)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        _, val_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {value!r}")
+        return {str(k): _convert(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported type {tp}")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise ConfigError(f"unknown key '{key}'")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare string such as runs/x or facebook/wav2vec2-base
+
+
+def apply_override(cfg: Config, assignment: str) -> None:
+    """Apply one `section.key=value` override in place (list items by index: data.sources.0.path)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}': expected key=value")
+    key, text = assignment.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"unknown key '{here}' (list has {len(node)} items)")
+            node = node[int(part)]
+        elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
+            node = getattr(node, part)
+        else:
+            raise ConfigError(f"unknown key '{here}'")
+    last = parts[-1]
+    value = _parse_value(text.strip())
+    if isinstance(node, dict):
+        node[last] = str(value)
+        return
+    if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
+        raise ConfigError(f"unknown key '{key}'")
+    tp = typing.get_type_hints(type(node))[last]
+    if tp is str and not isinstance(value, str):
+        value = text.strip()  # e.g. --set model.language=no would parse as a bool otherwise
+    setattr(node, last, _convert(value, tp, key))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file at `path`, then `overrides` ("a.b=v")."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"experiment file not found: {path}")
+        try:
+            values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    try:
+        cfg = _build(Config, values)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    for o in overrides:
+        apply_override(cfg, o)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "model.family": ("", "whisper", "ctc"),
+    "model.init": ("pretrained", "scratch"),
+    "model.arch": ("wav2vec2", "hubert", "wavlm"),
+    "data.vocab": ("char", "sentencepiece"),
+    "data.sp_model_type": ("unigram", "bpe"),
+    "train.schedule": ("linear", "cosine", "constant"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "decode.method": ("greedy", "beam"),
+    "eval.normalizer": ("basic",),
+}
+_SOURCE_KINDS = ("common_voice", "manifest", "hf")
+
+
+def validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+    for i, src in enumerate(cfg.data.sources):
+        if src.kind not in _SOURCE_KINDS:
+            raise ConfigError(f"data.sources.{i}.kind: {src.kind!r} is not one of {', '.join(_SOURCE_KINDS)}")
+        if not src.path:
+            raise ConfigError(f"data.sources.{i}.path: required")
+    for key in ("train.max_steps", "train.grad_accum", "data.sample_rate"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 1:
+            raise ConfigError(f"{key}: must be at least 1")
+    if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
+        raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
+
+
+# ---------------------------------------------------------------------------------------
+# Writing the resolved config back out as TOML.
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else _toml_value(k)
+
+
+def _toml_table(d: dict, name: str, out: list[str]) -> None:
+    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k in ("replace", "language_map")}
+    scalars = {k: v for k, v in scalars.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
+    out.append(f"[{name}]")
+    for k, v in scalars.items():
+        if v is None:
+            out.append(f"# {k} = (unset)")
+        else:
+            out.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    out.append("")
+    for k, v in d.items():
+        if k in scalars:
+            continue
+        if isinstance(v, dict):
+            _toml_table(v, f"{name}.{k}", out)
+        else:  # list of tables
+            for item in v:
+                out.append(f"[[{name}.{k}]]")
+                out.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items() if b is not None)
+                out.append("")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML text that `load_config` reads back to an equal config."""
+    out: list[str] = []
+    for name, section in to_dict(cfg).items():
+        _toml_table(section, name, out)
+    return "\n".join(out)

@@ -1,0 +1,78 @@
+"""Evaluation: decode a set, score it, write `eval/step-N.json` and `.tsv`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from asr import distributed as dist
+from asr.data import AudioDataset, Utterance, collate
+from asr.decode import ctc_decode, whisper_generate
+from asr.losses import LOSSES
+from asr.metrics import error_rates
+from asr.models import loss_batch, model_inputs
+
+
+def eval_batches(utts: list[Utterance], batch_size: int) -> list[list[int]]:
+    """Fixed batches for evaluation: sorted by duration (less padding), this rank's share."""
+    order = sorted(range(len(utts)), key=lambda i: utts[i].duration)
+    mine = order[dist.rank() :: dist.world_size()]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+@torch.no_grad()
+def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocast=nullcontext) -> tuple[dict, list]:
+    """Decode `utts` and score them. Returns (metrics, rows of (id, reference, hypothesis)).
+
+    Metrics: wer, cer (normalised), wer_ortho, cer_ortho (percent), loss (teacher-forced), n.
+    Evaluation is sharded over ranks and gathered; every rank gets the same result.
+    """
+    model = bundle.model
+    was_training = model.training
+    model.eval()
+    dataset = AudioDataset(utts, cfg.data.sample_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=eval_batches(utts, cfg.eval.batch_size),
+                                         collate_fn=collate, num_workers=cfg.data.num_workers)
+    rows, loss_sum, loss_n = [], 0.0, 0
+    for batch in loader:
+        for utt_id, err in batch["dropped"]:
+            rows.append((utt_id, "", "", err))
+        if not batch["ids"]:
+            continue
+        with autocast():
+            outputs = model(**model_inputs(bundle, batch, device))
+            loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
+            if bundle.family == "whisper":
+                hyps = whisper_generate(bundle, batch, device, cfg.decode.method, cfg.decode.beam_size,
+                                        cfg.decode.max_new_tokens)
+            else:
+                hyps = ctc_decode(bundle, outputs, batch)
+        loss_sum += float(loss)
+        loss_n += n
+        rows += [(i, ref, hyp.strip(), None) for i, ref, hyp in zip(batch["ids"], batch["texts"], hyps)]
+    model.train(was_training)
+    rows = dist.gather_rows(rows)
+    loss_sum, loss_n = dist.sum_values(loss_sum, loss_n)
+    order = {u.id: k for k, u in enumerate(utts)}
+    rows.sort(key=lambda r: order.get(r[0], 0))
+    scored = [r for r in rows if r[3] is None]
+    metrics = error_rates([r[1] for r in scored], [r[2] for r in scored], cfg.eval.normalizer)
+    metrics["loss"] = loss_sum / loss_n if loss_n else math.nan
+    metrics["failed"] = len(rows) - len(scored)
+    return metrics, [r[:3] for r in scored]
+
+
+def write_eval(folder: Path, stem: str, metrics: dict, rows: list, extra: dict | None = None) -> None:
+    """`folder/stem.json` (metrics) and `folder/stem.tsv` (id, reference, hypothesis)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=1, ensure_ascii=False),
+                                         encoding="utf-8")
+    with open(folder / f"{stem}.tsv", "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        w.writerow(["id", "reference", "hypothesis"])
+        w.writerows(rows)

@@ -1,0 +1,269 @@
+"""Whisper and CTC encoders (Wav2Vec2 / XLS-R, HuBERT, WavLM) through transformers: building,
+label construction, per-batch inputs on the device, and export as `save_pretrained` folders."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from asr.audio import log_mel, lengths_to_mask, normalize_waveform
+from asr.config import ModelConfig
+from asr.data import Labeler
+
+
+class ModelError(Exception):
+    """A model that cannot be built (unknown id, unknown language); one line."""
+
+
+# Config fields of ModelConfig that map onto the transformers config of each family.
+_CTC_OVERRIDES = ("layerdrop", "mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length",
+                  "attention_dropout", "hidden_dropout", "activation_dropout", "feat_proj_dropout", "final_dropout")
+_WHISPER_OVERRIDES = {"attention_dropout": "attention_dropout", "hidden_dropout": "dropout",
+                      "activation_dropout": "activation_dropout", "layerdrop": "encoder_layerdrop",
+                      "mask_time_prob": "mask_time_prob", "mask_time_length": "mask_time_length",
+                      "mask_feature_prob": "mask_feature_prob", "mask_feature_length": "mask_feature_length"}
+
+
+@dataclass
+class Bundle:
+    """A model with what turns batches into its inputs and its outputs into text."""
+
+    family: str  # whisper | ctc
+    model: torch.nn.Module
+    cfg: ModelConfig
+    tokenizer: object = None  # whisper: WhisperTokenizer
+    vocab: object = None  # ctc: asr.text.CharVocab | PieceVocab
+    processor: object = None  # for export
+    language_tokens: dict | None = None  # whisper: data language -> Whisper code or None
+
+    @property
+    def labeler(self) -> Labeler:
+        if self.family == "whisper":
+            return Labeler(encode=self.encode_whisper, max_tokens=self.model.config.max_target_positions)
+        return Labeler(encode=lambda text, lang: self.vocab.encode(text), output_frames=self.output_frames)
+
+    # -- Whisper labels ----------------------------------------------------------------
+    def whisper_language(self, language: str) -> str | None:
+        """The Whisper language code used for a data language (after model.language_map)."""
+        language = language or self.cfg.language
+        code = self.cfg.language_map.get(language, language)
+        return code or None
+
+    def prefix_tokens(self, language: str) -> list[int]:
+        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>"""
+        tok = self.tokenizer
+        ids = [tok.convert_tokens_to_ids("<|startoftranscript|>")]
+        code = self.whisper_language(language)
+        if code is not None:
+            ids.append(tok.convert_tokens_to_ids(f"<|{code}|>"))
+        ids.append(tok.convert_tokens_to_ids(f"<|{self.cfg.task}|>"))
+        ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
+        return ids
+
+    def encode_whisper(self, text: str, language: str) -> list[int]:
+        """Full decoder sequence: prefix tokens, text tokens, <|endoftext|>."""
+        return self.prefix_tokens(language) + self.tokenizer.encode(text, add_special_tokens=False) + [
+            self.tokenizer.eos_token_id]
+
+    def output_frames(self, n_samples: int) -> int:
+        return int(self.model._get_feat_extract_output_lengths(torch.tensor(n_samples)).item())
+
+
+def infer_family(cfg: ModelConfig) -> str:
+    if cfg.family:
+        return cfg.family
+    if cfg.init == "scratch" and not cfg.name:
+        return "ctc"
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(cfg.name).model_type
+    except Exception as e:
+        raise ModelError(f"model.name: cannot load config of '{cfg.name}': {_first_line(e)}") from None
+    return "whisper" if model_type == "whisper" else "ctc"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def check_language(code: str | None) -> None:
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    if code is not None and code not in LANGUAGES:
+        raise ModelError(f"Whisper does not know language '{code}'; map it with model.language_map "
+                         f"(e.g. {{ {code} = \"<related code>\" }}, or \"\" to leave the token out)")
+
+
+def build_whisper(cfg: ModelConfig, languages: list[str]) -> Bundle:
+    from transformers import AutoConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    if cfg.task not in ("transcribe", "translate"):
+        raise ModelError(f"model.task: {cfg.task!r} is not 'transcribe' or 'translate'")
+    try:
+        processor = WhisperProcessor.from_pretrained(cfg.name)
+        if cfg.init == "scratch":
+            mconf = AutoConfig.from_pretrained(cfg.name)
+            sizes = {"d_model": cfg.hidden_size, "encoder_layers": cfg.num_layers, "decoder_layers": cfg.num_layers,
+                     "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
+                     "encoder_ffn_dim": cfg.intermediate_size, "decoder_ffn_dim": cfg.intermediate_size}
+            for k, v in sizes.items():
+                if v:
+                    setattr(mconf, k, v)
+            _apply_overrides(mconf, cfg, _WHISPER_OVERRIDES)
+            model = WhisperForConditionalGeneration(mconf)
+        else:
+            model = WhisperForConditionalGeneration.from_pretrained(cfg.name, dtype=torch.float32)
+            _apply_overrides(model.config, cfg, _WHISPER_OVERRIDES)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name: cannot load Whisper '{cfg.name}': {_first_line(e)}") from None
+    bundle = Bundle("whisper", model, cfg, tokenizer=processor.tokenizer, processor=processor)
+    for lang in languages:
+        check_language(bundle.whisper_language(lang))
+    model.config.use_cache = not cfg.gradient_checkpointing
+    model.generation_config.forced_decoder_ids = None
+    codes = [bundle.whisper_language(lang) for lang in languages]
+    if codes and codes[0]:
+        model.generation_config.language = codes[0]  # what an exported model's pipeline transcribes
+    model.generation_config.task = cfg.task
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return bundle
+
+
+def _apply_overrides(mconf, cfg: ModelConfig, mapping) -> None:
+    items = mapping.items() if isinstance(mapping, dict) else ((k, k) for k in mapping)
+    for ours, theirs in items:
+        value = getattr(cfg, ours)
+        if value is not None and hasattr(mconf, theirs):
+            setattr(mconf, theirs, value)
+
+
+_SCRATCH_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "wavlm": "WavLMConfig"}
+
+
+def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCTC
+
+    special = dict(vocab_size=len(vocab), pad_token_id=vocab.blank, ctc_zero_infinity=True,
+                   ctc_loss_reduction="sum")
+    try:
+        if cfg.init == "scratch":
+            if cfg.name:
+                mconf = AutoConfig.from_pretrained(cfg.name)
+            else:  # XLS-R-like layout (layer-norm feature encoder, pre-norm transformer)
+                mconf = getattr(transformers, _SCRATCH_CONFIGS[cfg.arch])(
+                    feat_extract_norm="layer", do_stable_layer_norm=True)
+            sizes = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+                     "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+                     "conv_dim": cfg.conv_dim, "conv_kernel": cfg.conv_kernel, "conv_stride": cfg.conv_stride}
+            for k, v in sizes.items():
+                if v:
+                    setattr(mconf, k, list(v) if isinstance(v, list) else v)
+            if cfg.conv_dim:
+                mconf.num_feat_extract_layers = len(cfg.conv_dim)
+            if cfg.hidden_size and mconf.hidden_size % mconf.num_conv_pos_embedding_groups:
+                mconf.num_conv_pos_embedding_groups = 1
+            for k, v in special.items():
+                setattr(mconf, k, v)
+            _apply_overrides(mconf, cfg, _CTC_OVERRIDES)
+            model = AutoModelForCTC.from_config(mconf)
+        else:
+            kwargs = {k: getattr(cfg, k) for k in _CTC_OVERRIDES if getattr(cfg, k) is not None}
+            model = AutoModelForCTC.from_pretrained(cfg.name, dtype=torch.float32, ignore_mismatched_sizes=True,
+                                                    **special, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name: cannot load CTC model '{cfg.name}': {_first_line(e)}") from None
+    if cfg.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Bundle("ctc", model, cfg, vocab=vocab)
+
+
+def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
+    """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`."""
+    family = infer_family(cfg)
+    if family == "whisper":
+        return build_whisper(cfg, list(languages))
+    if vocab is None:
+        raise ModelError("a CTC model needs a vocabulary")
+    return build_ctc(cfg, vocab)
+
+
+def encoder_of(bundle: Bundle) -> torch.nn.Module:
+    """The acoustic encoder (frozen for the first model.freeze_encoder_steps steps)."""
+    if bundle.family == "whisper":
+        return bundle.model.model.encoder
+    return bundle.model.base_model
+
+
+def set_encoder_frozen(bundle: Bundle, frozen: bool) -> None:
+    for p in encoder_of(bundle).parameters():
+        p.requires_grad_(not frozen)
+    if not frozen and bundle.family == "ctc" and bundle.cfg.freeze_feature_encoder:
+        bundle.model.freeze_feature_encoder()
+
+
+# ---------------------------------------------------------------------------------------
+# Batches -> model inputs, on the device.
+
+
+def model_inputs(bundle: Bundle, batch: dict, device: torch.device) -> dict:
+    """Model keyword arguments for a collated batch; features are computed here, on `device`."""
+    audio = batch["audio"].to(device, non_blocking=True)  # (B, N)
+    lengths = batch["audio_lengths"].to(device)  # (B,)
+    if bundle.family == "whisper":
+        features = log_mel(audio, bundle.model.config.num_mel_bins)  # (B, n_mels, 3000)
+        labels = batch["labels"].to(device)  # (B, L) full sequences, -100 padded
+        decoder_input_ids = labels[:, :-1].clone()
+        decoder_input_ids[decoder_input_ids == -100] = bundle.tokenizer.eos_token_id
+        return {"input_features": features, "decoder_input_ids": decoder_input_ids}
+    values = normalize_waveform(audio, lengths)  # (B, N)
+    inputs = {"input_values": values}
+    if bundle.model.config.feat_extract_norm == "layer":
+        inputs["attention_mask"] = lengths_to_mask(lengths, audio.shape[1])
+    return inputs
+
+
+def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
+    """What a loss function reads besides the outputs: targets and lengths on `device`."""
+    labels = batch["labels"].to(device)
+    if bundle.family == "whisper":
+        return {"labels": labels[:, 1:]}  # (B, L-1) next-token targets
+    out_lengths = bundle.model._get_feat_extract_output_lengths(batch["audio_lengths"]).to(device)
+    return {"labels": labels, "label_lengths": batch["label_lengths"].to(device), "out_lengths": out_lengths,
+            "blank": bundle.vocab.blank}
+
+
+# ---------------------------------------------------------------------------------------
+# Export.
+
+
+def export(bundle: Bundle, folder: str | Path) -> None:
+    """Write a `save_pretrained` folder (model + processor) that transformers' pipeline loads."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = bundle.model
+    if bundle.family == "whisper":
+        model.save_pretrained(folder)
+        bundle.processor.save_pretrained(folder)
+        return
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor, Wav2Vec2Processor
+
+    model.save_pretrained(folder)
+    tokens = bundle.vocab.tokens
+    if bundle.vocab.kind == "sentencepiece":  # the tokenizer joins tokens with "": word starts become spaces
+        tokens = [t.replace("▁", " ") if t not in ("[PAD]", "[UNK]") else t for t in tokens]
+    vocab_file = folder / "vocab.json"
+    vocab_file.write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8")
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab_file), unk_token="[UNK]", pad_token="[PAD]", word_delimiter_token="|",
+                                     bos_token=None, eos_token=None)
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                         return_attention_mask=model.config.feat_extract_norm == "layer")
+    Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)

@@ -1,0 +1,480 @@
+"""The training loop: data and model set-up, then one function that trains, evaluates and saves.
+
+    python run.py --exp experiments/demo.toml
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asr import checkpoint as ckpt
+from asr import distributed as dist
+from asr.config import Config, to_toml
+from asr.data import (AudioDataset, DurationBatchSampler, SplitReport, Utterance, collate, filter_utterances,
+                      format_report, read_source_split, source_name, write_report)
+from asr.evaluation import evaluate, write_eval
+from asr.losses import DEFAULT_LOSS, LOSSES
+from asr.models import Bundle, build, export, infer_family, loss_batch, model_inputs, set_encoder_frozen
+from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (no data, too many bad steps); one line."""
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up.
+
+
+class Log:
+    """Prints and appends to train.log (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path is not None and dist.is_main() else None
+
+    def __call__(self, msg: str) -> None:
+        if not dist.is_main():
+            return
+        print(msg, flush=True)
+        if self.file:
+            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+            self.file.flush()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError("run.device: CUDA requested but not available")
+        if dist.is_initialized() or name == "cuda":
+            return torch.device("cuda", dist.local_rank() if dist.is_initialized() else torch.cuda.current_device())
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Data:
+    train: list[Utterance]
+    eval_sets: dict[str, list[Utterance]]
+    reports: dict[str, SplitReport] = field(default_factory=dict)
+
+
+def read_data(cfg: Config) -> tuple[dict, dict]:
+    """Raw utterances per (source, split) and bad rows, for the training split and cfg.eval.split."""
+    raw, bad = {}, {}
+    names = [source_name(s) for s in cfg.data.sources]
+    if len(set(names)) != len(names):
+        raise TrainingError(f"data.sources: names must be unique (got {', '.join(names)}); set name = \"...\"")
+    for src, name in zip(cfg.data.sources, names):
+        for split, expr in (("train", src.train), ("eval", getattr(src, cfg.eval.split, ""))):
+            if expr:
+                raw[name, split], bad[name, split] = read_source_split(src, expr)
+    return raw, bad
+
+
+def build_vocab(cfg: Config, raw: dict, out_dir: Path):
+    """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts."""
+    folder = out_dir / "vocab"
+    if (folder / "vocab.json").is_file():
+        return load_vocab(folder)
+    texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
+             if split == "train" for u in us]
+    if not texts:
+        raise TrainingError("no training transcripts to build a CTC vocabulary from")
+    if cfg.data.vocab == "sentencepiece":
+        vocab = PieceVocab.build(texts, cfg.data.sp_vocab_size, cfg.data.sp_model_type)
+    else:
+        vocab = CharVocab.build(texts)
+    if dist.is_main():
+        tmp = out_dir / ".tmp-vocab"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        vocab.save(tmp)
+        ckpt.replace_dir(tmp, folder)
+    return vocab
+
+
+def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
+    """Read the sources, build the model, filter the data with the model's labels, write data_report.json."""
+    raw, bad = read_data(cfg)
+    family = infer_family(cfg.model)
+    vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
+    languages = sorted({s.language for s in cfg.data.sources})
+    bundle = build(cfg.model, vocab, languages)
+    labeler = bundle.labeler
+    train, eval_sets, reports = [], {}, {}
+    for (name, split), utts in raw.items():
+        label = f"{name}/{'train' if split == 'train' else cfg.eval.split}"
+        reports[label] = SplitReport()
+        kept = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[label])
+        if split == "train":
+            train += kept
+        else:
+            eval_sets[name] = kept[: cfg.eval.max_utterances] if cfg.eval.max_utterances else kept
+    if dist.is_main():
+        write_report(reports, out_dir / "data_report.json")
+    log(format_report(reports))
+    return bundle, Data(train, eval_sets, reports)
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def lr_lambda(cfg):
+    """Multiplier of the peak learning rate at a step: linear warmup, then linear/cosine decay or constant."""
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(progress, 1.0)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return f
+
+
+class Stop:
+    """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+def train(cfg: Config, fresh: bool = False) -> dict:
+    """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`."""
+    device = pick_device(cfg.run.device)
+    out = Path(cfg.run.out_dir)
+    if fresh and dist.is_main() and out.exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train.log")
+    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8") if dist.is_main() else None
+    seed_everything(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+    bundle, data = prepare(cfg, out, log)
+    if not data.train:
+        raise TrainingError(f"no training utterances left after filtering (see {out / 'data_report.json'})")
+    model = bundle.model.to(device)
+    tc = cfg.train
+    precision = pick_precision(tc.precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_name = tc.loss or DEFAULT_LOSS[bundle.family]
+    if loss_name not in LOSSES:
+        raise TrainingError(f"train.loss: unknown loss '{loss_name}' (known: {', '.join(LOSSES)})")
+    loss_fn = LOSSES[loss_name]
+    optimizer = make_optimizer(model, tc)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
+                                   seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank())
+    tb = None
+    if dist.is_main():
+        from torch.utils.tensorboard import SummaryWriter
+
+        tb = SummaryWriter(str(out / "tb"))
+
+    # Resume from the newest complete checkpoint (partial ones are removed first).
+    ck_dir = out / "checkpoints"
+    step, best, bad_steps, totals = 0, {"wer": math.inf, "step": -1}, 0, {"samples": 0, "audio_s": 0.0, "time": 0.0}
+    if dist.is_main():
+        for p in ckpt.clean_partial(ck_dir):
+            log(f"removed partial checkpoint {p}")
+    dist.barrier()
+    latest = ckpt.latest_checkpoint(ck_dir)
+    trainer_state = None
+    if latest is not None:
+        model_state, optim_state, trainer_state = ckpt.load_checkpoint(latest, map_location=device)
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optim_state)
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
+        sampler.load_state_dict(trainer_state["sampler"])
+        step, best, totals = trainer_state["step"], trainer_state["best"], trainer_state["totals"]
+        log(f"resumed from {latest} (step {step})")
+    frozen = cfg.model.freeze_encoder_steps > step
+    if frozen:
+        set_encoder_frozen(bundle, True)
+    ddp = wrap(model, device)
+    if trainer_state is not None:
+        ckpt.set_rng_state(trainer_state["rng"])  # last, so set-up cannot consume randomness after it
+
+    loader = torch.utils.data.DataLoader(
+        AudioDataset(data.train, cfg.data.sample_rate), batch_sampler=sampler, collate_fn=collate,
+        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
+        persistent_workers=False,
+    )
+    batches = iter(loader)
+    sampler_state = sampler.state_dict()
+
+    def save(at_step: int) -> None:
+        if dist.is_main():
+            state = {"step": at_step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                     "sampler": sampler_state, "rng": ckpt.rng_state(), "best": best, "totals": totals}
+            path = ckpt.save_checkpoint(ck_dir, at_step, model.state_dict(), optimizer.state_dict(), state,
+                                        to_toml(cfg))
+            ckpt.prune(ck_dir, tc.keep_last, {best["step"]})
+            log(f"saved {path}")
+        dist.barrier()
+
+    def run_eval(at_step: int) -> dict:
+        nonlocal best
+        results = {}
+        for k, (name, utts) in enumerate(data.eval_sets.items()):
+            metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
+            results[name] = metrics
+            if dist.is_main():
+                stem = ckpt.step_dir_name(at_step) + ("" if k == 0 else f".{name}")
+                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": at_step})
+                for key in ("wer", "cer", "wer_ortho", "cer_ortho", "loss"):
+                    tb.add_scalar(f"eval/{name}/{key}", metrics[key], at_step)
+                tb.add_text(f"eval/{name}/examples", "\n\n".join(
+                    f"**ref:** {r}  \n**hyp:** {h}" for _, r, h in rows[: cfg.eval.examples]), at_step)
+            log(f"eval {name} step {at_step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
+                f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']})")
+        if results:
+            first = next(iter(results.values()))
+            if first["wer"] < best["wer"]:
+                best = {"wer": first["wer"], "cer": first["cer"], "step": at_step}
+                if dist.is_main():
+                    tmp = out / ".tmp-best"
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    export(bundle, tmp)
+                    (tmp / "asr_best.json").write_text(json.dumps(best))
+                    ckpt.replace_dir(tmp, out / "best")
+                    log(f"new best wer {first['wer']:.2f} at step {at_step}")
+                return {"results": results, "new_best": True}
+        return {"results": results, "new_best": False}
+
+    stop = Stop().install()
+    model.train()
+    log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
+    window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "t0": time.time(), "steps": 0}
+    last_eval = None
+    try:
+        while step < tc.max_steps:
+            if frozen and step >= cfg.model.freeze_encoder_steps:
+                set_encoder_frozen(bundle, False)
+                ddp, frozen = wrap(model, device), False
+                log(f"step {step}: encoder unfrozen")
+            t_step = time.time()
+            # One optimizer step: grad_accum micro-batches, normalised by the window's label count.
+            micro = [next(batches) for _ in range(tc.grad_accum)]
+            sampler_state = micro[-1]["sampler_state"]
+            for b in micro:
+                for utt_id, err in b["dropped"]:
+                    log(f"dropped {utt_id}: {err}")
+            (n_window,) = dist.sum_values(float(sum(int(b["label_lengths"].sum()) for b in micro)))
+            loss_total = 0.0
+            for i, batch in enumerate(micro):
+                if not batch["ids"]:
+                    continue
+                sync = i == len(micro) - 1 or ddp is model
+                with (nullcontext() if sync else ddp.no_sync()):
+                    with autocast():
+                        outputs = ddp(**model_inputs(bundle, batch, device))
+                    loss_sum, _ = loss_fn(outputs, loss_batch(bundle, batch, device))
+                    scaler.scale(loss_sum * dist.world_size() / max(n_window, 1.0)).backward()
+                loss_total += float(loss_sum.detach())
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad if tc.clip_grad > 0 else math.inf)
+            (loss_total,) = dist.sum_values(loss_total)
+            finite = math.isfinite(loss_total) and math.isfinite(float(grad_norm))
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bad_steps = 0 if finite else bad_steps + 1
+            if not finite:
+                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                if tb:
+                    tb.add_scalar("train/skipped_steps", 1, step)
+                if bad_steps >= tc.max_bad_steps:
+                    raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping "
+                                        f"(last good checkpoint: {ckpt.latest_checkpoint(ck_dir)})")
+
+            n_samples = sum(len(b["ids"]) for b in micro)
+            audio_s = sum(float(b["audio_lengths"].sum()) for b in micro) / cfg.data.sample_rate
+            n_samples, audio_s = dist.sum_values(n_samples, audio_s)
+            dt = time.time() - t_step
+            totals = {"samples": totals["samples"] + n_samples, "audio_s": totals["audio_s"] + audio_s,
+                      "time": totals["time"] + dt}
+            if finite:
+                window["loss"] += loss_total
+                window["n"] += n_window
+            window["samples"] += n_samples
+            window["audio_s"] += audio_s
+            window["steps"] += 1
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                elapsed = time.time() - window["t0"]
+                loss_avg = window["loss"] / max(window["n"], 1)
+                lr = scheduler.get_last_lr()[0]
+                if tb:
+                    tb.add_scalar("train/loss", loss_avg, step)
+                    tb.add_scalar("train/lr", lr, step)
+                    tb.add_scalar("train/grad_norm", float(grad_norm), step)
+                    tb.add_scalar("train/samples_per_s", window["samples"] / elapsed, step)
+                    tb.add_scalar("train/audio_s_per_s", window["audio_s"] / elapsed, step)
+                log(f"step {step}/{tc.max_steps} loss {loss_avg:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.3f} "
+                    f"{window['samples'] / elapsed:.1f} samples/s {window['audio_s'] / elapsed:.1f} audio s/s "
+                    f"{elapsed / window['steps']:.2f} s/step")
+                window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "t0": time.time(), "steps": 0}
+
+            at_end = step == tc.max_steps
+            new_best = False
+            if (tc.eval_every and step % tc.eval_every == 0) or at_end:
+                last_eval = run_eval(step)
+                new_best = last_eval["new_best"]
+            if (tc.save_every and step % tc.save_every == 0) or at_end or new_best or stop.signal:
+                save(step)
+            if stop.signal:
+                code = 128 + stop.signal
+                log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved")
+                raise SystemExit(code)
+    finally:
+        stop.restore()
+        if tb:
+            tb.flush()
+
+    if last_eval is None:  # resumed at the end: evaluate once more for the results
+        last_eval = run_eval(step)
+    if dist.is_main():
+        tmp = out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export(bundle, tmp)
+        ckpt.replace_dir(tmp, out / "final")
+    results = {
+        "steps": step,
+        "eval": last_eval["results"],
+        "best": best,
+        "train_samples_per_s": totals["samples"] / max(totals["time"], 1e-9),
+        "train_audio_s_per_s": totals["audio_s"] / max(totals["time"], 1e-9),
+        "train_s_per_step": totals["time"] / max(step, 1),
+    }
+    if dist.is_main():
+        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+        tb.close()
+        log(f"done: {out / 'results.json'}")
+    return results
+
+
+def wrap(model: torch.nn.Module, device: torch.device):
+    """DistributedDataParallel when launched with torchrun, else the model itself."""
+    if not dist.is_initialized():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
+    """Evaluate without training: a checkpoint folder (training `step-N/` or exported `best/`, `final/`),
+    else the run's newest checkpoint, else the model as configured (zero-shot)."""
+    device = pick_device(cfg.run.device)
+    out = Path(cfg.run.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train.log")
+    seed_everything(cfg.run.seed)
+    bundle, data = prepare(cfg, out, log)
+    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(out / "checkpoints")
+    step = 0
+    if path is not None:
+        if not path.is_dir():
+            raise TrainingError(f"--checkpoint: not a folder: {path}")
+        if (path / "model.pt").is_file():
+            state, _, trainer_state = ckpt.load_checkpoint(path)
+            step = trainer_state["step"]
+        elif (path / "config.json").is_file():
+            state = type(bundle.model).from_pretrained(str(path), dtype=torch.float32).state_dict()
+            best = path / "asr_best.json"
+            step = json.loads(best.read_text())["step"] if best.is_file() else 0
+        else:
+            raise TrainingError(f"--checkpoint: {path} holds neither model.pt nor config.json")
+        bundle.model.load_state_dict(state)
+        log(f"evaluating {path} (step {step})")
+    model = bundle.model.to(device)
+    precision = pick_precision(cfg.train.precision, device)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
+    tag = cfg.decode.method if cfg.decode.method == "greedy" else f"{cfg.decode.method}{cfg.decode.beam_size}"
+    results = {}
+    for k, (name, utts) in enumerate(data.eval_sets.items()):
+        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
+        results[name] = metrics
+        if dist.is_main():
+            stem = f"{ckpt.step_dir_name(step)}.{cfg.eval.split}.{tag}" + ("" if k == 0 else f".{name}")
+            write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step, "decode": tag,
+                                                           "split": cfg.eval.split})
+        log(f"eval {name} ({cfg.eval.split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
+            f"wer_ortho {metrics['wer_ortho']:.2f} cer_ortho {metrics['cer_ortho']:.2f} (n={metrics['n']})")
+    return results

@@ -1,0 +1,61 @@
+"""Fine-tune or evaluate a speech recognition model from a TOML experiment file.
+
+    python run.py --exp experiments/demo.toml
+    python run.py --exp experiments/tr_xlsr.toml --set train.lr=1e-4 --set data.max_duration_s=20
+    python run.py --exp experiments/demo.toml --print-config
+    python run.py --exp experiments/demo.toml --eval-only [--checkpoint runs/demo/best]
+    torchrun --nproc_per_node=2 run.py --exp experiments/demo.toml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--exp", required=True, help="experiment TOML file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. train.lr=1e-4 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
+    parser.add_argument("--fresh", action="store_true", help="start over instead of resuming from the newest checkpoint")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate only (see --checkpoint)")
+    parser.add_argument("--checkpoint", help="with --eval-only: a checkpoint or exported model folder")
+    args = parser.parse_args(argv)
+
+    from asr.config import ConfigError, load_config, to_toml
+
+    try:
+        cfg = load_config(args.exp, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(to_toml(cfg))
+        return 0
+
+    from asr import distributed as dist
+    from asr.audio import AudioError
+    from asr.checkpoint import CheckpointError
+    from asr.data import DataError
+    from asr.models import ModelError
+    from asr.train import TrainingError, evaluate_only, pick_device, train
+
+    try:
+        dist.init_from_env(pick_device(cfg.run.device).type)
+        if args.eval_only:
+            evaluate_only(cfg, args.checkpoint)
+        else:
+            train(cfg, fresh=args.fresh)
+    except (DataError, ModelError, TrainingError, CheckpointError, AudioError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
