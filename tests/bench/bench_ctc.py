@@ -1,0 +1,246 @@
+"""A small Wav2Vec2ForCTC trained from scratch: this project's duration-bucketed loop against
+`Trainer` grouping by length (`train_sampling_strategy="group_by_length"`, formerly `group_by_length=True`) (the classic XLS-R fine-tuning recipe), side by side.
+
+    python tests/bench/bench_ctc.py [--cv ../shared/data/synth-cv/tr] [--steps 200] [--batch 16]
+
+Both sides start from the same randomly initialised weights (same seed, same config, same
+character vocabulary), use the same optimiser settings and steps, and see about the same
+audio per step: the reference takes `--batch` clips per step; ours caps batches at
+`--batch` x the mean clip duration in padded seconds. Reports seconds per step, the padding
+fraction of input samples over the batches each side trained on, and CER on the evaluation
+split after training (both scored with this project's greedy decoder and metrics). Writes
+tests/bench/results/ctc.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, conv_dim=[64] * 7)
+
+
+def model_overrides() -> list[str]:
+    return ["model.init=scratch", "model.name=", "model.arch=wav2vec2", f"model.hidden_size={MODEL['hidden_size']}",
+            f"model.num_layers={MODEL['num_layers']}", f"model.num_heads={MODEL['num_heads']}",
+            f"model.intermediate_size={MODEL['intermediate_size']}", f"model.conv_dim={MODEL['conv_dim']}",
+            "model.freeze_feature_encoder=false", "model.mask_time_prob=0.0"]
+
+
+def base_overrides(args, out_dir: Path, max_batch_s: float = 0.0, batch_size: int = 0) -> list[str]:
+    return [
+        f"run.out_dir={out_dir}", f"run.seed={args.seed}",
+        f"data.sources=[{{kind = \"common_voice\", path = \"{args.cv}\", language = \"tr\", train = \"train\", "
+        f"dev = \"dev\", test = \"test\"}}]",
+        "data.text.lowercase=true", "data.text.chars_to_ignore=\",?.!;:\\\"“”‘’%-\"",
+        f"data.batch_size={batch_size}", f"data.max_batch_s={max_batch_s}", "data.num_workers=1",
+        f"train.max_steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
+        "train.schedule=linear", "train.log_every=1", "train.eval_every=0", f"train.save_every={args.steps}",
+        "train.keep_last=1", "train.clip_grad=1.0", f"eval.split={args.eval_split}", "eval.batch_size=16",
+    ] + model_overrides()
+
+
+def side_ours(args, work: Path) -> dict:
+    import re
+
+    import asr.train as T
+    from asr.config import load_config
+    from asr.data import read_source_split
+
+    src = load_config(None, base_overrides(args, work, batch_size=1)).data.sources[0]
+    utts, _ = read_source_split(src, "train")
+    from asr.audio import audio_info
+
+    mean_d = statistics.mean(audio_info(u.path)[0] for u in utts)
+    cap = args.batch * mean_d
+    cfg = load_config(None, base_overrides(args, work / "out", max_batch_s=cap, batch_size=0))
+    captured = {}
+    real_sampler = T.DurationBatchSampler
+
+    class Recording(real_sampler):  # records the batches it hands out, to measure padding
+        def __iter__(self):
+            for keys in super().__iter__():
+                captured.setdefault("batches", []).append([self.durations[i] for _, _, i in keys])
+                yield keys
+
+    T.DurationBatchSampler = Recording
+    t = time.perf_counter()
+    results = T.train(cfg)
+    wall = time.perf_counter() - t
+    log = (work / "out" / "train.log").read_text(encoding="utf-8")
+    step_times = [float(x) for x in re.findall(r" ([0-9.]+) s/step", log)]
+    batches = captured["batches"][: args.steps]
+    real = sum(sum(b) for b in batches)
+    padded = sum(len(b) * max(b) for b in batches)
+    m = next(iter(results["eval"].values()))
+    return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "max_batch_s": cap, "wall_s": wall}
+
+
+def side_hf(args, work: Path) -> dict:
+    from dataclasses import dataclass
+
+    import datasets
+    import torch
+    from transformers import (Trainer, TrainerCallback, TrainingArguments, Wav2Vec2CTCTokenizer,
+                              Wav2Vec2FeatureExtractor, Wav2Vec2Processor)
+
+    import asr.train as T
+    from asr.config import load_config
+    from asr.data import AudioDataset, collate
+    from asr.decode import ctc_greedy
+    from asr.metrics import error_rates
+    from asr.models import build
+
+    cfg = load_config(None, base_overrides(args, work / "setup", batch_size=args.batch))
+    (work / "setup").mkdir(parents=True, exist_ok=True)
+    T.seed_everything(cfg.run.seed)
+    bundle, data = T.prepare(cfg, work / "setup", T.Log(None))  # same vocab, same initial weights as ours
+    model, vocab = bundle.model, bundle.vocab
+    vocab.save(work)
+    tokenizer = Wav2Vec2CTCTokenizer(str(work / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",
+                                     word_delimiter_token="|")
+    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
+                                         return_attention_mask=True)
+    processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    model.config.ctc_loss_reduction = "mean"  # the recipe's setting
+
+    # The recipe: audio to normalised input values and text to labels, once per clip, via .map.
+    dataset = AudioDataset(data.train, 16000)
+    ds = datasets.Dataset.from_dict({"i": list(range(len(data.train)))})
+
+    def prepare_dataset(example):
+        item = dataset[example["i"]]
+        out = processor(audio=item["audio"].numpy(), sampling_rate=16000)
+        return {"input_values": out.input_values[0], "input_length": len(item["audio"]),
+                "labels": vocab.encode(item["utt"].label_text)}
+
+    ds = ds.map(prepare_dataset, remove_columns=["i"], cache_file_name=str(work / "cache" / "train.arrow"))
+
+    @dataclass
+    class DataCollatorCTCWithPadding:
+        processor: Wav2Vec2Processor
+
+        def __call__(self, features):
+            input_features = [{"input_values": f["input_values"]} for f in features]
+            label_features = [{"input_ids": f["labels"]} for f in features]
+            batch = self.processor.pad(input_features, padding=True, return_tensors="pt")
+            labels_batch = self.processor.tokenizer.pad(label_features, padding=True, return_tensors="pt")
+            batch["labels"] = labels_batch["input_ids"].masked_fill(labels_batch.attention_mask.ne(1), -100)
+            return batch
+
+    step_times, lengths = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            step_times.append(time.perf_counter() - self.t)
+
+    collator = DataCollatorCTCWithPadding(processor)
+
+    def recording_collator(features):
+        lengths.append([f["input_length"] for f in features])
+        return collator(features)
+
+    targs = TrainingArguments(
+        output_dir=str(work / "hf_out"), train_sampling_strategy="group_by_length", length_column_name="input_length",
+        per_device_train_batch_size=args.batch, learning_rate=args.lr, warmup_steps=args.warmup,
+        lr_scheduler_type="linear", max_steps=args.steps, max_grad_norm=1.0, weight_decay=0.0, use_cpu=True,
+        save_strategy="no", eval_strategy="no", logging_steps=50, report_to=[], seed=args.seed,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=targs, train_dataset=ds, data_collator=recording_collator,
+                      processing_class=processor.feature_extractor, callbacks=[StepTimer()])
+    t = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t
+
+    # Score with the same decoder and metrics as ours.
+    eval_utts = next(iter(data.eval_sets.values()))
+    loader = torch.utils.data.DataLoader(AudioDataset(eval_utts, 16000), batch_size=16, collate_fn=collate)
+    model.eval()
+    refs, hyps = [], []
+    from asr.models import model_inputs
+
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(**model_inputs(bundle, batch, torch.device("cpu"))).logits
+            out_lengths = model._get_feat_extract_output_lengths(batch["audio_lengths"])
+            hyps += [vocab.decode(ids) for ids in ctc_greedy(logits, out_lengths, vocab.blank)]
+            refs += batch["texts"]
+    m = error_rates(refs, hyps)
+    batches = lengths[: args.steps]
+    real = sum(sum(b) for b in batches)
+    padded = sum(len(b) * max(b) for b in batches)
+    return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "wall_s": wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_cv = ROOT.parent / "shared" / "data" / "synth-cv" / "tr"
+    ap.add_argument("--cv", default=str(default_cv if default_cv.is_dir() else ROOT / "tests" / "fixtures" / "cv-tr"))
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-split", default="dev")
+    ap.add_argument("--work", default="/tmp/asr-bench-ctc")
+    ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "ctc.json"))
+    ap.add_argument("--side", choices=("hf", "ours"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.cv = str(Path(args.cv).resolve())
+
+    if args.side:
+        work = Path(args.work) / args.side
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        result = side_hf(args, work) if args.side == "hf" else side_ours(args, work)
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    results = {}
+    for side in ("hf", "ours"):
+        res = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], cwd=ROOT,
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.stderr.write(res.stdout[-4000:] + res.stderr[-8000:])
+            raise SystemExit(f"{side} side failed")
+        results[side] = json.loads(res.stdout.strip().splitlines()[-1])
+    for r in results.values():
+        r["step_s_median"] = statistics.median(r["step_times"][2:] or r["step_times"])
+    hf, ours = results["hf"], results["ours"]
+    summary = {"settings": {k: v for k, v in vars(args).items() if k != "side"}, "model": MODEL,
+               "step_s_ratio_hf_over_ours": hf["step_s_median"] / ours["step_s_median"], **results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    print(f"{'':28s} {'Trainer':>10s} {'ours':>10s}")
+    print(f"{'s/step (median)':28s} {hf['step_s_median']:10.3f} {ours['step_s_median']:10.3f}   "
+          f"({summary['step_s_ratio_hf_over_ours']:.2f}x)")
+    print(f"{'padding fraction':28s} {hf['padding_fraction']:10.3f} {ours['padding_fraction']:10.3f}")
+    print(f"{'clips per batch (mean)':28s} {hf['mean_batch_clips']:10.1f} {ours['mean_batch_clips']:10.1f}")
+    print(f"{'CER after training (%)':28s} {hf['cer']:10.2f} {ours['cer']:10.2f}")
+    print(f"{'peak resident memory (MB)':28s} {hf['peak_rss_mb']:10.0f} {ours['peak_rss_mb']:10.0f}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
