@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +24,67 @@ class AudioError(Exception):
     """An audio file that cannot be read; the message names the file."""
 
 
-def audio_info(path: str | Path) -> tuple[float, int]:
-    """(duration in seconds, sample rate) from the file's header, without decoding."""
+def audio_info(path: str | Path | bytes | io.IOBase) -> tuple[float, int]:
+    """(duration in seconds, sample rate) from the header of a file (a path, the file's bytes or a
+    binary file object), without decoding. Raises AudioError naming the file."""
+    name, src = _source(path)
     try:
-        info = sf.info(str(path))
+        info = sf.info(src)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for bad files
-        raise AudioError(f"{path}: cannot read audio header ({_reason(e)})") from None
-    if info.frames <= 0:
-        raise AudioError(f"{path}: no audio frames")
+        raise AudioError(_message(name, f"cannot read audio header ({_reason(e)})")) from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise AudioError(_message(name, "no audio frames"))
     return info.frames / info.samplerate, info.samplerate
 
 
+def _source(path) -> tuple[str, object]:
+    """(name for messages, what soundfile opens) for a path, bytes or a binary file object.
+    A path that is missing or empty raises AudioError here, with a clearer message than libsndfile's."""
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        if len(path) == 0:
+            raise AudioError("<bytes>: empty file")
+        return "<bytes>", io.BytesIO(bytes(path))
+    if hasattr(path, "read"):
+        return str(getattr(path, "name", "<file object>")), path
+    p = Path(path)
+    if not p.is_file():
+        raise AudioError(_message(str(path), "file not found" if not p.exists() else "not a regular file"))
+    if p.stat().st_size == 0:
+        raise AudioError(_message(str(path), "empty file"))
+    return str(path), str(path)
+
+
+def _message(name: str, what: str) -> str:
+    return re.sub(r"\s*[\r\n]+\s*", " ", f"{name}: {what}".strip())  # always one line
+
+
 def _reason(e: Exception) -> str:
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    text = str(e).strip()
+    if not text:
+        return type(e).__name__
+    text = text.splitlines()[-1]
+    # libsndfile: "Error opening '<path>': <reason>"; the path is already in our message.
+    m = re.match(r"Error opening .*?: (.*)$", text)
+    if m:
+        text = m.group(1)
+    if "File does not exist or is not a regular file" in text:
+        text = "unrecognised or corrupt audio data"  # what libsndfile says of an unparseable mp3
+    return text
 
 
 def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tensor:
-    """Decode wav/flac/mp3/ogg (a path or the file's bytes) to mono float32 at `sample_rate`. Returns (N,)."""
-    name = "<bytes>" if isinstance(path, (bytes, bytearray)) else str(path)
-    src = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else str(path)
-    if not isinstance(path, (bytes, bytearray)):
-        p = Path(path)
-        if not p.is_file():
-            raise AudioError(f"{name}: file not found")
-        if p.stat().st_size == 0:
-            raise AudioError(f"{name}: empty file")
+    """Decode wav/flac/mp3/ogg (a path, the file's bytes or a binary file object) to mono float32 at
+    `sample_rate`. Returns (N,). A missing, empty or corrupt file raises AudioError (one line, naming it)."""
+    name, src = _source(path)
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)  # (N, C)
     except Exception as e:
-        raise AudioError(f"{name}: cannot decode audio ({_reason(e)})") from None
+        raise AudioError(_message(name, f"cannot decode audio ({_reason(e)})")) from None
     if data.shape[0] == 0:
-        raise AudioError(f"{name}: no audio frames")
+        raise AudioError(_message(name, "no audio frames"))
     if not np.isfinite(data).all():
-        raise AudioError(f"{name}: audio contains NaN or infinite samples")
-    audio = torch.from_numpy(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0])
+        raise AudioError(_message(name, "audio contains NaN or infinite samples"))
+    audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]))
     return resample(audio, sr, sample_rate)
 
 

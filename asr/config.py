@@ -33,8 +33,13 @@ class SourceConfig:
     """One corpus. `kind` is common_voice | manifest | hf.
 
     Splits are expressions such as "train+dev": for common_voice the names of the release
-    TSVs, for manifest the manifest files (relative to `path`), for hf the dataset's
-    split names. An empty split means the source has none (e.g. an evaluation-only set).
+    TSVs, for manifest the manifest files (relative to `path`, or beside it when `path` is a
+    file; the .tsv/.jsonl suffix may be left out), for hf the dataset's split names. An empty
+    split means the source has none (e.g. an evaluation-only set).
+
+    hf `path` is a hub id, a `save_to_disk` folder (a DatasetDict, one folder per split, or a
+    single Dataset, which is split "train"), or an audiofolder (metadata.csv or metadata.jsonl
+    with a `file_name` column; split subfolders, or the folder itself as split "train").
     """
 
     name: str = ""  # defaults to the language, or the folder name
@@ -229,34 +234,49 @@ def _parse_value(text: str) -> Any:
 
 
 def apply_override(cfg: Config, assignment: str) -> None:
-    """Apply one `section.key=value` override in place (list items by index: data.sources.0.path)."""
+    """Apply one `section.key=value` override in place. List items go by index (data.sources.0.path,
+    train.betas.1), dict entries by key (data.text.replace.â=a)."""
     if "=" not in assignment:
         raise ConfigError(f"override '{assignment}': expected key=value")
     key, text = assignment.split("=", 1)
-    key = key.strip()
+    key, text = key.strip(), text.strip()
     parts = key.split(".")
     node: Any = cfg
-    for i, part in enumerate(parts[:-1]):
+    tp: Any = Config  # the declared type of `node`
+    for i, part in enumerate(parts):
         here = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"unknown key '{here}' (list has {len(node)} items)")
-            node = node[int(part)]
+                raise ConfigError(f"unknown key '{key}' ('{here}': the list has {len(node)} items)")
+            item_tp = typing.get_args(tp)[0]
+            if last:
+                node[int(part)] = _convert(_typed_value(text, item_tp), item_tp, key)
+                return
+            node, tp = node[int(part)], item_tp
+        elif isinstance(node, dict):
+            if not last:
+                raise ConfigError(f"unknown key '{key}' ('{'.'.join(parts[:i])}' holds plain values)")
+            val_tp = typing.get_args(tp)[1]
+            node[part] = _convert(_typed_value(text, val_tp), val_tp, key)
+            return
         elif dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}:
-            node = getattr(node, part)
+            field_tp = typing.get_type_hints(type(node))[part]
+            if last:
+                setattr(node, part, _convert(_typed_value(text, field_tp), field_tp, key))
+                return
+            node, tp = getattr(node, part), field_tp
         else:
-            raise ConfigError(f"unknown key '{here}'")
-    last = parts[-1]
-    value = _parse_value(text.strip())
-    if isinstance(node, dict):
-        node[last] = str(value)
-        return
-    if not dataclasses.is_dataclass(node) or last not in {f.name for f in dataclasses.fields(node)}:
-        raise ConfigError(f"unknown key '{key}'")
-    tp = typing.get_type_hints(type(node))[last]
+            raise ConfigError(f"unknown key '{key}'")
+
+
+def _typed_value(text: str, tp: Any) -> Any:
+    """An override's value: TOML syntax, or the bare text for a string field
+    (--set model.language=no would parse as a bool, run.out_dir=runs/x not at all)."""
+    value = _parse_value(text)
     if tp is str and not isinstance(value, str):
-        value = text.strip()  # e.g. --set model.language=no would parse as a bool otherwise
-    setattr(node, last, _convert(value, tp, key))
+        return text
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -311,6 +331,17 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be at least 1")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
+    if "" in cfg.data.text.replace:
+        raise ConfigError("data.text.replace: an empty key would insert its value between every character")
+    if cfg.data.text.chars_to_ignore:
+        import re
+
+        from asr.text import _ignore_pattern
+
+        try:
+            re.compile(_ignore_pattern(cfg.data.text.chars_to_ignore))
+        except re.error as e:
+            raise ConfigError(f"data.text.chars_to_ignore: invalid regular expression ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,43 +358,46 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t") + '"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
+                             for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
         return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    if dataclasses.is_dataclass(v):
+        return _toml_value(to_dict(v))
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\b": "\\b", "\f": "\\f"}
+
+
 def _toml_key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() and k.isascii() else _toml_value(k)
+    return k if k and k.isascii() and k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
 
 
-def _toml_table(d: dict, name: str, out: list[str]) -> None:
-    scalars = {k: v for k, v in d.items() if not isinstance(v, dict) or k in ("replace", "language_map")}
-    scalars = {k: v for k, v in scalars.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
-    out.append(f"[{name}]")
-    for k, v in scalars.items():
-        if v is None:
-            out.append(f"# {k} = (unset)")
-        else:
-            out.append(f"{_toml_key(k)} = {_toml_value(v)}")
-    out.append("")
-    for k, v in d.items():
-        if k in scalars:
+def _toml_table(obj: Any, name: str, out: list[str], array: bool = False) -> None:
+    """A dataclass as a TOML table: plain values first, then its sections and lists of sections."""
+    fields = [(f.name, getattr(obj, f.name)) for f in dataclasses.fields(obj)]
+    is_section = lambda v: dataclasses.is_dataclass(v)  # noqa: E731
+    is_section_list = lambda v: isinstance(v, list) and v and all(map(dataclasses.is_dataclass, v))  # noqa: E731
+    out.append(f"[[{name}]]" if array else f"[{name}]")
+    for k, v in fields:
+        if is_section(v) or is_section_list(v):
             continue
-        if isinstance(v, dict):
+        out.append(f"# {k} = (unset)" if v is None else f"{_toml_key(k)} = {_toml_value(v)}")
+    out.append("")
+    for k, v in fields:
+        if is_section(v):
             _toml_table(v, f"{name}.{k}", out)
-        else:  # list of tables
+        elif is_section_list(v):
             for item in v:
-                out.append(f"[[{name}.{k}]]")
-                out.extend(f"{_toml_key(a)} = {_toml_value(b)}" for a, b in item.items() if b is not None)
-                out.append("")
+                _toml_table(item, f"{name}.{k}", out, array=True)
 
 
 def to_toml(cfg: Config) -> str:
     """The resolved config as TOML text that `load_config` reads back to an equal config."""
     out: list[str] = []
-    for name, section in to_dict(cfg).items():
-        _toml_table(section, name, out)
+    for f in dataclasses.fields(cfg):
+        _toml_table(getattr(cfg, f.name), f.name, out)
     return "\n".join(out)

@@ -3,8 +3,10 @@ the audio dataset, batch collation and the resumable duration-bucketed batch sam
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import os
 import random
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -93,21 +95,27 @@ def _read_jsonl(path: Path, bad: list) -> list[dict]:
 
 
 def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.resolve().relative_to(folder.resolve())
-        return True
-    except ValueError:
-        return False
+    """Whether `path` stays inside `folder`, judged on the names (".." segments), not on where symlinks point,
+    so a clips folder of symlinks into a shared store is fine while "../../x.mp3" is not."""
+    rel = os.path.normpath(os.path.relpath(os.path.abspath(path), os.path.abspath(folder)))
+    return rel != ".." and not rel.startswith(".." + os.sep) and not os.path.isabs(rel)
 
 
 def _rows_to_utterances(rows, src, name, base: Path, audio_col, text_col, bad, allow_absolute):
+    for col in (audio_col, text_col):
+        if rows and all(col not in row for row in rows):
+            raise DataError(f"{rows[0]['_file']}: no column '{col}' (set audio_column/text_column)")
     utts = []
     for row in rows:
         where = {"file": row["_file"], "line": row["_line"]}
-        if audio_col not in row or text_col not in row:
-            missing = audio_col if audio_col not in row else text_col
-            raise DataError(f"{row['_file']}: no column '{missing}' (set audio_column/text_column)")
-        rel = str(row[audio_col]).strip()
+        missing = [c for c in (audio_col, text_col) if c not in row]
+        if missing:  # a JSONL row without the field: one bad row, not a broken source
+            bad.append(("bad_row", dict(where, detail=f"no field '{missing[0]}'")))
+            continue
+        if not isinstance(row[audio_col], str):
+            bad.append(("bad_path", dict(where, path=repr(row[audio_col]))))
+            continue
+        rel = row[audio_col].strip()
         text = row[text_col] if isinstance(row[text_col], str) else ""
         p = Path(rel)
         if not rel or (p.is_absolute() and not allow_absolute) or (not p.is_absolute() and not _inside(base / p, base)):
@@ -135,41 +143,106 @@ def read_common_voice(src: SourceConfig, split_expr: str, bad: list) -> list[Utt
                                src.text_column or "sentence", bad, allow_absolute=False)
 
 
+_MANIFEST_SUFFIXES = ("", ".tsv", ".jsonl", ".json")
+
+
 def read_manifest(src: SourceConfig, split_expr: str, bad: list) -> list[Utterance]:
+    """Manifests with `path` and `text` columns (TSV with a header, or JSON lines), audio paths relative to
+    the manifest's folder. A split name is a manifest file in `path` (or beside it, when `path` is a file),
+    with or without its .tsv/.jsonl/.json suffix: train = "train" reads train.tsv."""
     folder = Path(src.path)
     if not folder.exists():
         raise DataError(f"data source '{source_name(src)}': not found: {folder}")
+    base = folder if folder.is_dir() else folder.parent
     rows = []
     for split in split_names(split_expr):
-        f = folder / split if folder.is_dir() else folder
-        if not f.is_file():
-            raise DataError(f"data source '{source_name(src)}': manifest not found: {f}")
+        if folder.is_file() and split in (folder.name, folder.stem):
+            f = folder
+        else:
+            f = next((base / (split + sfx) for sfx in _MANIFEST_SUFFIXES if (base / (split + sfx)).is_file()), None)
+        if f is None:
+            raise DataError(f"data source '{source_name(src)}': manifest not found: {base / split}[.tsv|.jsonl]")
         rows += _read_jsonl(f, bad) if f.suffix in (".jsonl", ".json") else _read_tsv(f, bad)
-    base = folder if folder.is_dir() else folder.parent
     return _rows_to_utterances(rows, src, source_name(src), base, src.audio_column or "path",
                                src.text_column or "text", bad, allow_absolute=True)
+
+
+def _read_csv(path: Path, bad: list) -> list[dict]:
+    """CSV rows with a header (an audiofolder's metadata.csv); bad rows as in `_read_tsv`."""
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if not header or any("\udc80" <= c <= "\udcff" for c in "".join(header)):
+        raise DataError(f"{path}: no valid UTF-8 header")
+    rows, prev = [], reader.line_num
+    for cells in reader:
+        lineno, prev = prev + 1, reader.line_num  # the line the row starts on
+        if not any(c.strip() for c in cells):
+            continue
+        if any("\udc80" <= ch <= "\udcff" for c in cells for ch in c):
+            bad.append(("bad_row", {"file": str(path), "line": lineno, "detail": "invalid UTF-8"}))
+            continue
+        if len(cells) != len(header):
+            bad.append(("bad_row", {"file": str(path), "line": lineno,
+                                    "detail": f"{len(cells)} fields, header has {len(header)}"}))
+            continue
+        rows.append(dict(zip(header, cells), _line=lineno, _file=str(path)))
+    return rows
+
+
+def read_audiofolder(src: SourceConfig, split_expr: str, bad: list) -> list[Utterance]:
+    """A Hugging Face audiofolder read directly (no `datasets` audio encoding, which needs torchcodec/FFmpeg):
+    audio files with a metadata.csv or metadata.jsonl whose `file_name` column holds their paths relative
+    to it. Split folders (train/, dev/, ...) each have their own metadata; without them the folder's own
+    metadata is the single split "train", as in `datasets`."""
+    folder, name = Path(src.path), source_name(src)
+    audio_col = src.audio_column if src.audio_column not in ("", "audio") else "file_name"
+    rows_by_base = []
+    for split in split_names(split_expr):
+        here = folder / split if (folder / split).is_dir() else folder if split == "train" else None
+        meta = None if here is None else next(
+            (here / m for m in ("metadata.csv", "metadata.jsonl") if (here / m).is_file()), None)
+        if meta is None:
+            raise DataError(f"data source '{name}': no split '{split}' in audiofolder {folder} "
+                            f"(expected {folder / split}/metadata.csv or .jsonl)")
+        rows = _read_csv(meta, bad) if meta.suffix == ".csv" else _read_jsonl(meta, bad)
+        rows_by_base.append((rows, here))
+    utts = []
+    for rows, here in rows_by_base:
+        utts += _rows_to_utterances(rows, src, name, here, audio_col, src.text_column or "sentence", bad,
+                                    allow_absolute=False)
+    return utts
 
 
 _HF_TABLES: dict[str, object] = {}  # table key -> datasets.Dataset with undecoded audio
 
 
 def read_hf(src: SourceConfig, split_expr: str, bad: list) -> list[Utterance]:
-    import datasets
-
     name = source_name(src)
     audio_col, text_col = src.audio_column or "audio", src.text_column or "sentence"
     folder = Path(src.path)
+    if folder.is_dir() and not (folder / "dataset_dict.json").is_file() and not (folder / "state.json").is_file() \
+            and not any((folder / s / "state.json").is_file() for s in split_names(split_expr)):
+        return read_audiofolder(src, split_expr, bad)
+    import datasets
+
     utts = []
     for split in split_names(split_expr):
         try:
-            if folder.is_dir() and ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
-                ds = datasets.load_from_disk(str(folder))
-                if isinstance(ds, datasets.DatasetDict):
-                    ds = ds[split]
-            elif folder.is_dir():
-                ds = datasets.load_dataset("audiofolder", data_dir=str(folder), split=split)
+            if folder.is_dir() and (folder / "dataset_dict.json").is_file():
+                ds = datasets.load_from_disk(str(folder))[split]
+            elif folder.is_dir() and (folder / split / "state.json").is_file():
+                ds = datasets.load_from_disk(str(folder / split))  # one save_to_disk folder per split
+            elif folder.is_dir() and (folder / "state.json").is_file():
+                ds = datasets.load_from_disk(str(folder))  # a single Dataset: one split, "train" unless named
+                own = str(ds.split) if ds.split is not None else "train"
+                if split != own:
+                    raise DataError(f"data source '{name}': no split '{split}' in {src.path} (a single saved "
+                                    f"Dataset, split '{own}'; set this split to \"{own}\" or \"\")")
             else:
                 ds = datasets.load_dataset(src.path, src.hf_config or None, split=split)
+        except DataError:
+            raise
         except KeyError:
             raise DataError(f"data source '{name}': no split '{split}' in {src.path}") from None
         except Exception as e:
@@ -411,13 +484,45 @@ def collate(items: list[dict]) -> dict:
 # Duration-bucketed, resumable, shardable batch sampler.
 
 
+def _at_least(batches: list[list[int]], n: int) -> list[list[int]]:
+    """Give every batch at least `n` clips (one per rank), so no clip is left out of an epoch: a short
+    batch (the tail, or a clip longer than the cap) takes its neighbour's nearest clips, or merges
+    with it when the neighbour cannot spare them. Batches are in duration order."""
+    if n <= 1:
+        return batches
+    out: list[list[int]] = []
+    for b in batches:
+        if len(b) >= n or not out:
+            out.append(list(b))
+            continue
+        prev, need = out[-1], n - len(b)
+        if len(prev) - need >= n:
+            out.append(prev[-need:] + b)
+            del prev[-need:]
+        else:
+            prev.extend(b)
+    if len(out) > 1 and len(out[0]) < n:  # only the first can still be short: borrow from the second
+        first, nxt, need = out[0], out[1], n - len(out[0])
+        if len(nxt) - need >= n:
+            first.extend(nxt[:need])
+            del nxt[:need]
+        else:
+            out[1] = first + nxt
+            del out[0]
+    return out
+
+
 class DurationBatchSampler:
     """Groups clips of similar duration into batches capped by clip count and padded seconds
     (`batch_size` clips, `max_batch_s` = clips x longest clip), shuffled with a seed.
 
     Yields, forever, epoch after epoch, this rank's share of each global batch as a list of
-    (epoch, position, index) keys. With `num_replicas` ranks, the caps apply per rank and each
-    global batch is split between ranks, so the global batch does not depend on the rank count.
+    (epoch, position, index) keys. With `num_replicas` ranks, the global batches are those of one
+    rank with the caps multiplied by the rank count (so they do not depend on it), each split
+    between the ranks; a global batch with fewer clips than ranks borrows from its neighbour, so
+    every clip is seen once an epoch and no rank gets an empty batch. A rank's share holds
+    ceil(n / ranks) of the global batch's n clips, so its padded seconds can exceed max_batch_s by
+    at most one clip when n is not a multiple of the rank count.
     Resume with `load_state_dict({"epoch": e, "position": p})`: the next batch is global batch p
     of epoch e.
     """
@@ -458,9 +563,9 @@ class DurationBatchSampler:
             longest = m
         if current:
             batches.append(current)
-        batches = [b for b in batches if len(b) >= self.num_replicas]
-        if not batches:
+        if len(self.durations) < self.num_replicas:
             raise DataError(f"fewer clips than ranks ({len(self.durations)} < {self.num_replicas})")
+        batches = _at_least(batches, self.num_replicas)
         if self.shuffle:
             rng.shuffle(batches)
         self._cache = (epoch, batches)

@@ -17,22 +17,31 @@ _DOTTED_LOCALES = {"tr", "az", "crh", "gag", "tt", "ba", "kk"}  # languages with
 
 def lower(text: str, language: str = "") -> str:
     """Lower-case, right for Turkic languages (I->ı, İ->i) when `language` is one of them."""
-    if language.split("-")[0].lower() in _DOTTED_LOCALES:
+    if language.replace("_", "-").split("-")[0].lower() in _DOTTED_LOCALES:
         text = text.replace("I", "ı").replace("İ", "i")
     return text.lower()
 
 
 def clean_transcript(text: str, cfg, language: str = "") -> str:
-    """Training-side cleaning from `data.text` (a TextConfig): replacements, case, removed characters."""
+    """Training-side cleaning from `data.text` (a TextConfig): replacements, case, removed characters.
+
+    With `lowercase`, the replacement table is applied again after lower-casing, so {"â" = "a"} also
+    covers "Â" (and a table entry for an upper-case letter still sees it before lower-casing)."""
     text = unicodedata.normalize("NFC", text)
-    for old, new in cfg.replace.items():
-        text = text.replace(old, new)
+    text = _replace(text, cfg.replace)
     if cfg.lowercase:
-        text = lower(text, language)
+        text = _replace(lower(text, language), cfg.replace)
     if cfg.chars_to_ignore:
         text = re.sub(_ignore_pattern(cfg.chars_to_ignore), "", text)
     if cfg.collapse_whitespace:
         text = " ".join(text.split())
+    return text
+
+
+def _replace(text: str, table: dict[str, str]) -> str:
+    for old, new in table.items():
+        if old:
+            text = text.replace(old, new)
     return text
 
 
