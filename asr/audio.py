@@ -122,17 +122,29 @@ def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """Whisper's log-mel spectrogram: (B, N) 16 kHz audio, zero-padded or cut to 30 s -> (B, n_mels, 3000).
 
     Runs on the audio's device. Padding beyond a clip's length must be zeros (as `collate` makes it).
+    Frames whose window lies wholly in the zero padding have zero power, so only the frames
+    that reach the batch's real samples are transformed; the rest are filled with the value
+    the full computation gives them (the same output, several times faster for short clips).
     """
-    audio = pad_or_trim(audio.float())  # (B, 480000)
+    audio = audio.float()[:, :CHUNK_SAMPLES]
+    B, N = audio.shape
+    frames = min(N_FRAMES, N // HOP_LENGTH + 2)  # frame t is centred on sample t * HOP_LENGTH
+    need = min(CHUNK_SAMPLES, frames * HOP_LENGTH + N_FFT // 2)  # zeros under the reflection at the end
+    if need > N:
+        audio = torch.nn.functional.pad(audio, (0, need - N))
     window = torch.hann_window(N_FFT, device=audio.device)
-    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, 201, 3001)
-    power = (stft[..., :-1].abs() ** 2).contiguous()  # (B, 201, 3000)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)  # (B, 201, need/160 + 1)
+    power = (stft[..., :frames].abs() ** 2).contiguous()  # (B, 201, frames)
     filters = _mel_filters_cpu(n_mels).to(audio.device)  # (201, n_mels)
-    mel = filters.T @ power  # (B, n_mels, 3000)
-    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.clamp(filters.T @ power, min=1e-10).log10()  # (B, n_mels, frames)
     peak = log_spec.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
-    log_spec = torch.maximum(log_spec, peak - 8.0)
-    return (log_spec + 4.0) / 4.0
+    if frames < N_FRAMES:
+        peak = peak.clamp(min=-10.0)  # the silent frames' log10(1e-10)
+    floor = peak - 8.0
+    out = torch.empty(B, n_mels, N_FRAMES, device=audio.device)
+    out[..., :frames] = (torch.maximum(log_spec, floor) + 4.0) / 4.0
+    out[..., frames:] = (floor.clamp(min=-10.0) + 4.0) / 4.0
+    return out
 
 
 # ---------------------------------------------------------------------------------------

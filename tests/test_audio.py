@@ -74,6 +74,24 @@ def test_log_mel_padding_does_not_change_a_clip(speech):
     assert torch.allclose(together[1], alone[0], atol=1e-5)
 
 
+def _log_mel_full(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """The direct computation over all 3000 frames (what log_mel's shortcut must reproduce)."""
+    audio = torch.nn.functional.pad(audio, (0, max(0, 480000 - audio.shape[1])))[:, :480000]
+    stft = torch.stft(audio, 400, 160, window=torch.hann_window(400), return_complex=True)
+    filters = AF.melscale_fbanks(201, 0.0, 8000.0, n_mels, 16000, norm="slaney", mel_scale="slaney")
+    log_spec = torch.clamp(filters.T @ (stft[..., :-1].abs() ** 2), min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@pytest.mark.parametrize("n", [1, 399, 1000, 160 * 2999, 479999, 480000, 500000])
+def test_log_mel_skipping_silent_frames_equals_the_full_computation(n):
+    torch.manual_seed(n)
+    audio = torch.randn(2, n) * 0.1
+    audio[1, n // 2 :] = 0.0  # a shorter clip padded with zeros in the same batch
+    assert torch.allclose(log_mel(audio, 80), _log_mel_full(audio, 80), atol=1e-5, rtol=0)
+
+
 @requires_shared
 def test_log_mel_matches_shared_whisper_base_extractor(speech):
     from transformers import WhisperFeatureExtractor
