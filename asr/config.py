@@ -140,7 +140,9 @@ class EvalConfig:
     split: str = "dev"  # which split of each source is evaluated during training
     max_utterances: int = 0  # 0: all; otherwise the first N (quick checks)
     batch_size: int = 16
-    normalizer: str = "basic"  # basic (Whisper's BasicTextNormalizer)
+    # script: keeps combining marks (Thaana, Brahmic vowel signs), language-aware case, apostrophes joined
+    # (asr.text.normalize); basic: Whisper's BasicTextNormalizer, for comparison with published numbers
+    normalizer: str = "script"
     examples: int = 4  # reference/hypothesis pairs shown in TensorBoard
 
 
@@ -152,6 +154,15 @@ class DecodeConfig:
 
 
 @dataclass
+class PreflightConfig:
+    """Data checks before training (asr/preflight.py): `run.py --check` runs only them."""
+
+    enabled: bool = True  # run them at the start of a training run and write <out_dir>/preflight.json
+    cps_outlier_factor: float = 3.0  # chars/s above factor x or below 1/factor x the split median: outlier
+    examples: int = 5  # examples kept per finding
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -159,6 +170,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,7 +321,7 @@ _CHOICES = {
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "decode.method": ("greedy", "beam"),
-    "eval.normalizer": ("basic",),
+    "eval.normalizer": ("script", "basic"),
 }
 _SOURCE_KINDS = ("common_voice", "manifest", "hf")
 
@@ -329,6 +341,8 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    if cfg.preflight.cps_outlier_factor <= 1.0:
+        raise ConfigError("preflight.cps_outlier_factor: must be greater than 1")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:

@@ -56,9 +56,14 @@ def _ignore_pattern(chars: str) -> str:
 # Evaluation normalisers.
 
 
-def basic_normalize(text: str) -> str:
+def basic_normalize(text: str, language: str = "") -> str:
     """Whisper's BasicTextNormalizer (remove_diacritics=False): lower-case, drop bracketed spans,
-    replace marks, symbols and punctuation with spaces, collapse whitespace."""
+    replace marks, symbols and punctuation with spaces, collapse whitespace. `language` is ignored
+    (accepted so that every normaliser in NORMALIZERS takes the same arguments).
+
+    Kept for comparison with published numbers only: it replaces every combining mark with a space, so
+    it deletes the vowel signs of Thaana, Devanagari and the other Brahmic scripts (two different words
+    become the same letters), splits words at them, and turns "İstanbul" into "i stanbul"."""
     s = text.lower()
     s = re.sub(r"[<\[][^>\]]*[>\]]", "", s)
     s = re.sub(r"\(([^)]+?)\)", "", s)
@@ -67,8 +72,64 @@ def basic_normalize(text: str) -> str:
     return re.sub(r"\s+", " ", s)
 
 
+# Apostrophe-like characters. Between two word characters (letters, marks, digits) one is removed
+# without splitting the word ("Türkiye'nin" -> "türkiyenin", "don't" -> "dont"): the same word
+# written with or without its apostrophe, or with another apostrophe character, scores as equal.
+# Anywhere else (quotes) it is punctuation and becomes a space.
+APOSTROPHES = "'\u2019\u02bc\u2018`\u00b4\u2032"
+_DROPPED = {"\u0640"}  # Arabic tatweel: typographic stretching only
+
+
+def _is_word_char(c: str) -> bool:
+    return unicodedata.category(c)[0] in "LMN"
+
+
+def normalize(text: str, language: str = "") -> str:
+    """Script-aware evaluation normaliser (eval.normalizer = "script").
+
+    - NFC (canonical composition; no compatibility folding, nothing stripped);
+    - lower-case, language-aware (`asr.text.lower`: Turkish/Azeri I -> ı, İ -> i); for other languages
+      "İ" also becomes "i" (Python's str.lower gives "i" + U+0307 COMBINING DOT ABOVE);
+    - spans in [...], <...> and (...) are removed, as Whisper's BasicTextNormalizer does;
+    - an apostrophe between two word characters is removed without splitting the word (see APOSTROPHES);
+    - letters (L*), digits and numbers (N*) and every combining mark (Mn, Mc, Me: Thaana fili, Brahmic
+      vowel signs and viramas, Thai/Lao vowels and tone marks, Hebrew points, Arabic harakat) are kept,
+      attached to their base letters;
+    - invisible format characters (Cf: zero-width joiner/non-joiner, soft hyphen, bidi marks, BOM) and
+      the Arabic tatweel are removed; punctuation, symbols, separators and control characters become
+      spaces; whitespace is collapsed and the ends stripped.
+
+    `language` is optional, so the one-argument call `NORMALIZERS[name](text)` works; pass the
+    utterance's language for Turkic dotted/dotless i.
+    """
+    s = unicodedata.normalize("NFC", text)
+    s = lower(s.replace("\u0130", "i"), language)  # İ -> i also outside the Turkic languages
+    s = re.sub(r"[<\[][^>\]]*[>\]]", "", s)
+    s = re.sub(r"\(([^)]+?)\)", "", s)
+    out = []
+    n = len(s)
+    for i, c in enumerate(s):
+        if c in APOSTROPHES:
+            if 0 < i < n - 1 and _is_word_char(s[i - 1]) and _is_word_char(s[i + 1]):
+                continue
+            out.append(" ")
+            continue
+        if c in _DROPPED:
+            continue
+        cat = unicodedata.category(c)
+        if cat[0] in "LMN" or cat in ("Co", "Cn"):  # private-use and unassigned: unknown, so kept
+            out.append(c)
+        elif cat == "Cf":
+            continue
+        else:  # P*, S*, Z*, Cc (tabs, newlines), Cs
+            out.append(" ")
+    s = unicodedata.normalize("NFC", "".join(out))
+    return " ".join(s.split())
+
+
 NORMALIZERS = {
-    "basic": basic_normalize,
+    "script": normalize,  # the default: keeps the combining marks that carry meaning
+    "basic": basic_normalize,  # Whisper's BasicTextNormalizer, for comparison with published numbers
 }
 
 
