@@ -14,6 +14,15 @@ import os
 import sys
 
 
+def quiet_libraries() -> None:
+    """Keep the training log readable: transformers' errors only, no per-call progress bars."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", required=True, help="experiment TOML file")
@@ -36,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_toml(cfg))
         return 0
 
+    quiet_libraries()
     from asr import distributed as dist
     from asr.audio import AudioError
     from asr.checkpoint import CheckpointError

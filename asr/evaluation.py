@@ -36,8 +36,11 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
     was_training = model.training
     model.eval()
     dataset = AudioDataset(utts, cfg.data.sample_rate)
+    # Its own generator: a loader without one draws its seed from the global RNG, and an evaluation
+    # must not shift the dropout and masking draws of the training steps after it (exact resume).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=eval_batches(utts, cfg.eval.batch_size),
-                                         collate_fn=collate, num_workers=cfg.data.num_workers)
+                                         collate_fn=collate, num_workers=cfg.data.num_workers,
+                                         generator=torch.Generator().manual_seed(0))
     rows, loss_sum, loss_n = [], 0.0, 0
     for batch in loader:
         for utt_id, err in batch["dropped"]:

@@ -4,6 +4,7 @@ label construction, per-batch inputs on the device, and export as `save_pretrain
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,11 @@ class Bundle:
 
     # -- Whisper labels ----------------------------------------------------------------
     def whisper_language(self, language: str) -> str | None:
-        """The Whisper language code used for a data language (after model.language_map)."""
+        """The Whisper language code used for a data language (after model.language_map), or None where
+        the map sends it to "" (no language token). An unknown language raises ModelError."""
         language = language or self.cfg.language
         code = self.cfg.language_map.get(language, language)
-        return code or None
+        return whisper_code(code, language) if code else None
 
     def prefix_tokens(self, language: str) -> list[int]:
         """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>"""
@@ -91,34 +93,69 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def check_language(code: str | None) -> None:
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+def whisper_code(code: str, language: str = "") -> str:
+    """A Whisper language code ("tr") for a code or an English name ("turkish"); ModelError if Whisper lacks it."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
-    if code is not None and code not in LANGUAGES:
-        raise ModelError(f"Whisper does not know language '{code}'; map it with model.language_map "
-                         f"(e.g. {{ {code} = \"<related code>\" }}, or \"\" to leave the token out)")
+    key = code.strip().lower()
+    if key in LANGUAGES:
+        return key
+    if key in TO_LANGUAGE_CODE:
+        return TO_LANGUAGE_CODE[key]
+    name = language or code
+    raise ModelError(f"Whisper does not know language '{code}'; map '{name}' to a related language with "
+                     f"model.language_map (e.g. {{ {name} = \"<code>\" }}, or \"\" to leave the token out)")
+
+
+def check_language(code: str | None) -> None:
+    if code is not None:
+        whisper_code(code)
+
+
+@contextmanager
+def quiet_progress_bars():
+    """transformers' per-call tqdm bars ("Loading weights", "Writing model shards") off for a block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def build_whisper(cfg: ModelConfig, languages: list[str]) -> Bundle:
-    from transformers import AutoConfig, WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import AutoConfig, GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     if cfg.task not in ("transcribe", "translate"):
         raise ModelError(f"model.task: {cfg.task!r} is not 'transcribe' or 'translate'")
     try:
         processor = WhisperProcessor.from_pretrained(cfg.name)
+        mconf = AutoConfig.from_pretrained(cfg.name)
+        # Dropouts and layerdrop are read when the modules are built: set them on the config first.
+        _apply_overrides(mconf, cfg, _WHISPER_OVERRIDES)
+        if (cfg.mask_time_prob or 0) > 0 or (cfg.mask_feature_prob or 0) > 0:
+            mconf.apply_spec_augment = True  # Whisper ignores the mask probabilities without it
         if cfg.init == "scratch":
-            mconf = AutoConfig.from_pretrained(cfg.name)
             sizes = {"d_model": cfg.hidden_size, "encoder_layers": cfg.num_layers, "decoder_layers": cfg.num_layers,
                      "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
                      "encoder_ffn_dim": cfg.intermediate_size, "decoder_ffn_dim": cfg.intermediate_size}
             for k, v in sizes.items():
                 if v:
                     setattr(mconf, k, v)
-            _apply_overrides(mconf, cfg, _WHISPER_OVERRIDES)
             model = WhisperForConditionalGeneration(mconf)
+            # The named model's generation config holds the language and task token tables that
+            # `generate(language=..., task=...)` needs; one derived from the model config has none.
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(cfg.name)
+            except OSError:
+                raise ModelError(f"model.name: '{cfg.name}' has no generation_config.json (Whisper's language "
+                                 f"and task tables); cannot build a scratch Whisper from it") from None
+            model.generation_config.alignment_heads = None  # the named model's layers, not this one's
         else:
-            model = WhisperForConditionalGeneration.from_pretrained(cfg.name, dtype=torch.float32)
-            _apply_overrides(model.config, cfg, _WHISPER_OVERRIDES)
+            model = WhisperForConditionalGeneration.from_pretrained(cfg.name, config=mconf, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name: cannot load Whisper '{cfg.name}': {_first_line(e)}") from None
     bundle = Bundle("whisper", model, cfg, tokenizer=processor.tokenizer, processor=processor)
@@ -165,8 +202,10 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
             for k, v in sizes.items():
                 if v:
                     setattr(mconf, k, list(v) if isinstance(v, list) else v)
-            if cfg.conv_dim:
-                mconf.num_feat_extract_layers = len(cfg.conv_dim)
+            if not len(mconf.conv_dim) == len(mconf.conv_kernel) == len(mconf.conv_stride):
+                raise ModelError(f"model.conv_dim, conv_kernel, conv_stride: need one entry per conv layer each "
+                                 f"(got {len(mconf.conv_dim)}, {len(mconf.conv_kernel)}, {len(mconf.conv_stride)})")
+            mconf.num_feat_extract_layers = len(mconf.conv_dim)
             if cfg.hidden_size and mconf.hidden_size % mconf.num_conv_pos_embedding_groups:
                 mconf.num_conv_pos_embedding_groups = 1
             for k, v in special.items():
@@ -189,11 +228,12 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
 def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
     """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`."""
     family = infer_family(cfg)
-    if family == "whisper":
-        return build_whisper(cfg, list(languages))
-    if vocab is None:
+    if family != "whisper" and vocab is None:
         raise ModelError("a CTC model needs a vocabulary")
-    return build_ctc(cfg, vocab)
+    with quiet_progress_bars():
+        if family == "whisper":
+            return build_whisper(cfg, list(languages))
+        return build_ctc(cfg, vocab)
 
 
 def encoder_of(bundle: Bundle) -> torch.nn.Module:
@@ -249,6 +289,11 @@ def export(bundle: Bundle, folder: str | Path) -> None:
     """Write a `save_pretrained` folder (model + processor) that transformers' pipeline loads."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    with quiet_progress_bars():
+        _export(bundle, folder)
+
+
+def _export(bundle: Bundle, folder: Path) -> None:
     model = bundle.model
     if bundle.family == "whisper":
         model.save_pretrained(folder)

@@ -27,12 +27,16 @@ from asr.data import (AudioDataset, DurationBatchSampler, SplitReport, Utterance
                       format_report, read_source_split, source_name, write_report)
 from asr.evaluation import evaluate, write_eval
 from asr.losses import DEFAULT_LOSS, LOSSES
-from asr.models import Bundle, build, export, infer_family, loss_batch, model_inputs, set_encoder_frozen
+from asr.models import (Bundle, build, export, infer_family, loss_batch, model_inputs, quiet_progress_bars,
+                        set_encoder_frozen)
 from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
 
 
 class TrainingError(Exception):
     """A run that cannot go on (no data, too many bad steps); one line."""
+
+
+EXPORT_INFO = "asr_export.json"  # in best/ and final/: which step the exported weights are from
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,14 +48,52 @@ class Log:
 
     def __init__(self, path: Path | None):
         self.file = open(path, "a", encoding="utf-8") if path is not None and dist.is_main() else None
+        self.progress: Progress | None = None
 
     def __call__(self, msg: str) -> None:
         if not dist.is_main():
             return
+        if self.progress:
+            self.progress.clear()
         print(msg, flush=True)
         if self.file:
             self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
             self.file.flush()
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.clear()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+class Progress:
+    """One updating status line on stderr, only when stderr is a terminal (log lines carry the rest)."""
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.enabled = dist.is_main() and self.stream.isatty()
+        self.t0 = time.time()
+        self.width = 0
+
+    def update(self, step: int, first_step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        done = (step - first_step) / max(self.total - first_step, 1)
+        eta = (time.time() - self.t0) / max(step - first_step, 1) * (self.total - step)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} eta {int(eta) // 60}:{int(eta) % 60:02d}"
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
 
 
 def pick_device(name: str) -> torch.device:
@@ -129,6 +171,8 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
     languages = sorted({s.language for s in cfg.data.sources})
     bundle = build(cfg.model, vocab, languages)
     labeler = bundle.labeler
+    if labeler.max_tokens and cfg.data.max_label_tokens > 0:
+        labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
     train, eval_sets, reports = [], {}, {}
     for (name, split), utts in raw.items():
         label = f"{name}/{'train' if split == 'train' else cfg.eval.split}"
@@ -253,6 +297,11 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         model.load_state_dict(model_state)
         optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
+        # The learning rate of the next step comes from this run's schedule (the saved one may have had
+        # another max_steps, e.g. a run extended after it finished); with an unchanged config it is the same.
+        for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * f(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
         scaler.load_state_dict(trainer_state["scaler"])
         sampler.load_state_dict(trainer_state["sampler"])
         step, best, totals = trainer_state["step"], trainer_state["best"], trainer_state["totals"]
@@ -306,7 +355,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                     tmp = out / ".tmp-best"
                     shutil.rmtree(tmp, ignore_errors=True)
                     export(bundle, tmp)
-                    (tmp / "asr_best.json").write_text(json.dumps(best))
+                    (tmp / EXPORT_INFO).write_text(json.dumps({"kind": "best", **best}))
                     ckpt.replace_dir(tmp, out / "best")
                     log(f"new best wer {first['wer']:.2f} at step {at_step}")
                 return {"results": results, "new_best": True}
@@ -316,8 +365,11 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
-    window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "t0": time.time(), "steps": 0}
+    window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "time": 0.0, "steps": 0}
     last_eval = None
+    loss_log = []  # (step, mean train loss per label token) at each logging step of this invocation
+    progress = log.progress = Progress(tc.max_steps)
+    first_step = step
     try:
         while step < tc.max_steps:
             if frozen and step >= cfg.model.freeze_encoder_steps:
@@ -325,14 +377,18 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 ddp, frozen = wrap(model, device), False
                 log(f"step {step}: encoder unfrozen")
             t_step = time.time()
-            # One optimizer step: grad_accum micro-batches, normalised by the window's label count.
+            # One optimizer step: grad_accum micro-batches, normalised by the count the loss function
+            # returns (label tokens, frames, ...) summed over the whole window and all ranks. That count
+            # is known only after the forward passes: the micro-batches are scaled by an estimate (label
+            # lengths) and the gradients corrected once the window's true count is in.
             micro = [next(batches) for _ in range(tc.grad_accum)]
             sampler_state = micro[-1]["sampler_state"]
             for b in micro:
                 for utt_id, err in b["dropped"]:
                     log(f"dropped {utt_id}: {err}")
-            (n_window,) = dist.sum_values(float(sum(int(b["label_lengths"].sum()) for b in micro)))
-            loss_total = 0.0
+            (n_estimate,) = dist.sum_values(float(sum(int(b["label_lengths"].sum()) for b in micro)))
+            n_estimate = max(n_estimate, 1.0)
+            loss_total, n_local = 0.0, 0
             for i, batch in enumerate(micro):
                 if not batch["ids"]:
                     continue
@@ -340,12 +396,17 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 with (nullcontext() if sync else ddp.no_sync()):
                     with autocast():
                         outputs = ddp(**model_inputs(bundle, batch, device))
-                    loss_sum, _ = loss_fn(outputs, loss_batch(bundle, batch, device))
-                    scaler.scale(loss_sum * dist.world_size() / max(n_window, 1.0)).backward()
+                    loss_sum, n = loss_fn(outputs, loss_batch(bundle, batch, device))
+                    scaler.scale(loss_sum * dist.world_size() / n_estimate).backward()
                 loss_total += float(loss_sum.detach())
+                n_local += n
             scaler.unscale_(optimizer)
+            loss_total, n_window = dist.sum_values(loss_total, float(n_local))
+            if n_window > 0 and n_window != n_estimate:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(n_estimate / n_window)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad if tc.clip_grad > 0 else math.inf)
-            (loss_total,) = dist.sum_values(loss_total)
             finite = math.isfinite(loss_total) and math.isfinite(float(grad_norm))
             if finite or scaler.is_enabled():
                 scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
@@ -373,10 +434,13 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 window["n"] += n_window
             window["samples"] += n_samples
             window["audio_s"] += audio_s
+            window["time"] += dt
             window["steps"] += 1
+            progress.update(step, first_step, loss_total / max(n_window, 1.0))
             if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = time.time() - window["t0"]
+                elapsed = max(window["time"], 1e-9)
                 loss_avg = window["loss"] / max(window["n"], 1)
+                loss_log.append((step, loss_avg))
                 lr = scheduler.get_last_lr()[0]
                 if tb:
                     tb.add_scalar("train/loss", loss_avg, step)
@@ -387,7 +451,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 log(f"step {step}/{tc.max_steps} loss {loss_avg:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.3f} "
                     f"{window['samples'] / elapsed:.1f} samples/s {window['audio_s'] / elapsed:.1f} audio s/s "
                     f"{elapsed / window['steps']:.2f} s/step")
-                window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "t0": time.time(), "steps": 0}
+                window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "time": 0.0, "steps": 0}
 
             at_end = step == tc.max_steps
             new_best = False
@@ -402,6 +466,8 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 raise SystemExit(code)
     finally:
         stop.restore()
+        progress.clear()
+        log.progress = None
         if tb:
             tb.flush()
 
@@ -411,6 +477,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         tmp = out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         export(bundle, tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps({"kind": "final", "step": step}))
         ckpt.replace_dir(tmp, out / "final")
     results = {
         "steps": step,
@@ -419,11 +486,13 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         "train_samples_per_s": totals["samples"] / max(totals["time"], 1e-9),
         "train_audio_s_per_s": totals["audio_s"] / max(totals["time"], 1e-9),
         "train_s_per_step": totals["time"] / max(step, 1),
+        "train_loss": loss_log,  # (step, loss) at the logging steps of this invocation
     }
     if dist.is_main():
         (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
         tb.close()
         log(f"done: {out / 'results.json'}")
+    log.close()
     return results
 
 
@@ -454,12 +523,17 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
             state, _, trainer_state = ckpt.load_checkpoint(path)
             step = trainer_state["step"]
         elif (path / "config.json").is_file():
-            state = type(bundle.model).from_pretrained(str(path), dtype=torch.float32).state_dict()
-            best = path / "asr_best.json"
-            step = json.loads(best.read_text())["step"] if best.is_file() else 0
+            with quiet_progress_bars():
+                state = type(bundle.model).from_pretrained(str(path), dtype=torch.float32).state_dict()
+            info = path / EXPORT_INFO
+            step = json.loads(info.read_text())["step"] if info.is_file() else 0
         else:
             raise TrainingError(f"--checkpoint: {path} holds neither model.pt nor config.json")
-        bundle.model.load_state_dict(state)
+        try:
+            bundle.model.load_state_dict(state)
+        except RuntimeError as e:  # another model, or a CTC head for another vocabulary than the run's
+            raise TrainingError(f"--checkpoint: {path} does not fit the configured model "
+                                f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
         log(f"evaluating {path} (step {step})")
     model = bundle.model.to(device)
     precision = pick_precision(cfg.train.precision, device)
@@ -477,4 +551,5 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
                                                            "split": cfg.eval.split})
         log(f"eval {name} ({cfg.eval.split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
             f"wer_ortho {metrics['wer_ortho']:.2f} cer_ortho {metrics['cer_ortho']:.2f} (n={metrics['n']})")
+    log.close()
     return results
