@@ -213,6 +213,37 @@ def lr_lambda(cfg):
     return f
 
 
+_FALLBACK: dict = {}
+
+
+def fallback_batch(utts: list[Utterance], cfg: Config) -> dict:
+    """A one-clip batch of the first decodable training clip: what a rank whose micro-batch lost every
+    clip to decoding errors runs (with weight 0), so that it still joins the gradient all-reduce."""
+    if "batch" not in _FALLBACK:
+        dataset = AudioDataset(utts, cfg.data.sample_rate)
+        for i in range(len(utts)):
+            item = dataset[i]
+            if item["audio"] is not None:
+                _FALLBACK["batch"] = collate([item])
+                break
+        else:
+            raise TrainingError("no training clip can be decoded")
+    return _FALLBACK["batch"]
+
+
+def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
+    """Export a `save_pretrained` folder atomically (temporary folder, then rename)."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        export(bundle, tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info))
+        ckpt.replace_dir(tmp, folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ckpt.CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
+
+
 class Stop:
     """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
 
@@ -285,7 +316,8 @@ def train(cfg: Config, fresh: bool = False) -> dict:
 
     # Resume from the newest complete checkpoint (partial ones are removed first).
     ck_dir = out / "checkpoints"
-    step, best, bad_steps, totals = 0, {"wer": math.inf, "step": -1}, 0, {"samples": 0, "audio_s": 0.0, "time": 0.0}
+    step, best, totals = 0, {"wer": math.inf, "step": -1}, {"samples": 0, "audio_s": 0.0, "time": 0.0}
+    bad_steps = skipped_steps = 0  # non-finite steps in a row / in the whole run
     if dist.is_main():
         for p in ckpt.clean_partial(ck_dir):
             log(f"removed partial checkpoint {p}")
@@ -305,13 +337,15 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         scaler.load_state_dict(trainer_state["scaler"])
         sampler.load_state_dict(trainer_state["sampler"])
         step, best, totals = trainer_state["step"], trainer_state["best"], trainer_state["totals"]
+        skipped_steps = trainer_state.get("skipped_steps", 0)
         log(f"resumed from {latest} (step {step})")
     frozen = cfg.model.freeze_encoder_steps > step
     if frozen:
         set_encoder_frozen(bundle, True)
     ddp = wrap(model, device)
-    if trainer_state is not None:
-        ckpt.set_rng_state(trainer_state["rng"])  # last, so set-up cannot consume randomness after it
+    if trainer_state is not None:  # last, so set-up cannot consume randomness after it
+        rng = trainer_state["rng"]
+        ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
 
     loader = torch.utils.data.DataLoader(
         AudioDataset(data.train, cfg.data.sample_rate), batch_sampler=sampler, collate_fn=collate,
@@ -323,9 +357,11 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     sampler_state = sampler.state_dict()
 
     def save(at_step: int) -> None:
+        rng = dist.gather_rows([ckpt.rng_state()])  # every rank's generators, so each resumes its own stream
         if dist.is_main():
             state = {"step": at_step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "sampler": sampler_state, "rng": ckpt.rng_state(), "best": best, "totals": totals}
+                     "sampler": sampler_state, "rng": rng, "best": best, "totals": totals,
+                     "skipped_steps": skipped_steps}
             path = ckpt.save_checkpoint(ck_dir, at_step, model.state_dict(), optimizer.state_dict(), state,
                                         to_toml(cfg))
             ckpt.prune(ck_dir, tc.keep_last, {best["step"]})
@@ -352,11 +388,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             if first["wer"] < best["wer"]:
                 best = {"wer": first["wer"], "cer": first["cer"], "step": at_step}
                 if dist.is_main():
-                    tmp = out / ".tmp-best"
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    export(bundle, tmp)
-                    (tmp / EXPORT_INFO).write_text(json.dumps({"kind": "best", **best}))
-                    ckpt.replace_dir(tmp, out / "best")
+                    export_to(bundle, out / "best", {"kind": "best", **best})
                     log(f"new best wer {first['wer']:.2f} at step {at_step}")
                 return {"results": results, "new_best": True}
         return {"results": results, "new_best": False}
@@ -390,16 +422,19 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             n_estimate = max(n_estimate, 1.0)
             loss_total, n_local = 0.0, 0
             for i, batch in enumerate(micro):
-                if not batch["ids"]:
-                    continue
+                weight = 1.0
+                if not batch["ids"]:  # every clip failed to decode
+                    if ddp is model:
+                        continue
+                    batch, weight = fallback_batch(data.train, cfg), 0.0  # still join the gradient all-reduce
                 sync = i == len(micro) - 1 or ddp is model
                 with (nullcontext() if sync else ddp.no_sync()):
                     with autocast():
                         outputs = ddp(**model_inputs(bundle, batch, device))
                     loss_sum, n = loss_fn(outputs, loss_batch(bundle, batch, device))
-                    scaler.scale(loss_sum * dist.world_size() / n_estimate).backward()
-                loss_total += float(loss_sum.detach())
-                n_local += n
+                    scaler.scale(loss_sum * (weight * dist.world_size() / n_estimate)).backward()
+                loss_total += weight * float(loss_sum.detach())
+                n_local += n if weight else 0
             scaler.unscale_(optimizer)
             loss_total, n_window = dist.sum_values(loss_total, float(n_local))
             if n_window > 0 and n_window != n_estimate:
@@ -416,9 +451,11 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             step += 1
             bad_steps = 0 if finite else bad_steps + 1
             if not finite:
-                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row)")
+                skipped_steps += 1
+                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row, "
+                    f"{skipped_steps} in this run)")
                 if tb:
-                    tb.add_scalar("train/skipped_steps", 1, step)
+                    tb.add_scalar("train/skipped_steps", skipped_steps, step)
                 if bad_steps >= tc.max_bad_steps:
                     raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping "
                                         f"(last good checkpoint: {ckpt.latest_checkpoint(ck_dir)})")
@@ -458,10 +495,11 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             if (tc.eval_every and step % tc.eval_every == 0) or at_end:
                 last_eval = run_eval(step)
                 new_best = last_eval["new_best"]
-            if (tc.save_every and step % tc.save_every == 0) or at_end or new_best or stop.signal:
+            (stopping,) = dist.sum_values(1.0 if stop.signal else 0.0)  # all ranks stop at the same step
+            if (tc.save_every and step % tc.save_every == 0) or at_end or new_best or stopping:
                 save(step)
-            if stop.signal:
-                code = 128 + stop.signal
+            if stopping:
+                code = 128 + (stop.signal or signal.SIGTERM)
                 log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved")
                 raise SystemExit(code)
     finally:
@@ -474,11 +512,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     if last_eval is None:  # resumed at the end: evaluate once more for the results
         last_eval = run_eval(step)
     if dist.is_main():
-        tmp = out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        export(bundle, tmp)
-        (tmp / EXPORT_INFO).write_text(json.dumps({"kind": "final", "step": step}))
-        ckpt.replace_dir(tmp, out / "final")
+        export_to(bundle, out / "final", {"kind": "final", "step": step})
     results = {
         "steps": step,
         "eval": last_eval["results"],
