@@ -3,6 +3,7 @@
     python run.py --exp experiments/demo.toml
     python run.py --exp experiments/tr_xlsr.toml --set train.lr=1e-4 --set data.max_duration_s=20
     python run.py --exp experiments/demo.toml --print-config
+    python run.py --exp experiments/demo.toml --check          (pre-flight data checks only)
     python run.py --exp experiments/demo.toml --eval-only [--checkpoint runs/demo/best]
     torchrun --nproc_per_node=2 run.py --exp experiments/demo.toml
 """
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config value, e.g. train.lr=1e-4 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     parser.add_argument("--fresh", action="store_true", help="start over instead of resuming from the newest checkpoint")
+    parser.add_argument("--check", action="store_true",
+                        help="pre-flight data checks only: print a table, write <out_dir>/preflight.json")
     parser.add_argument("--eval-only", action="store_true", help="evaluate only (see --checkpoint)")
     parser.add_argument("--checkpoint", help="with --eval-only: a checkpoint or exported model folder")
     args = parser.parse_args(argv)
@@ -54,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     from asr.train import TrainingError, evaluate_only, pick_device, train
 
     try:
+        if args.check:
+            from asr.preflight import format_preflight, preflight, write_preflight
+
+            result = preflight(cfg)
+            write_preflight(result, cfg.run.out_dir)
+            print(format_preflight(result))
+            return 1 if result["errors"] else 0
         dist.init_from_env(pick_device(cfg.run.device).type)
         if args.eval_only:
             evaluate_only(cfg, args.checkpoint)

@@ -133,10 +133,38 @@ class TrainConfig:
     save_every: int = 500  # 0: only at the end
     keep_last: int = 2
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
+    # Which parameters train: regular expressions searched in parameter names (e.g. "model.decoder",
+    # "encoder.layers.(8|9|10|11)\\.", "lm_head"). `trainable` non-empty: only matches train; then
+    # `frozen` matches are frozen. Applied before LoRA (which freezes everything but its adapters
+    # and what `trainable` names).
+    trainable: list[str] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)
+    lr_scale: dict[str, float] = field(default_factory=dict)  # pattern -> learning-rate multiplier
+    save_trainable_only: bool = False  # checkpoints hold only parameters that train (base weights reload)
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adaptation (asr/lora.py) of the linear layers whose names match `targets`."""
+
+    rank: int = 0  # 0: off
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: [r"(q_proj|v_proj)$"])
+
+
+@dataclass
+class EvalSetConfig:
+    source: str = ""  # a data source's name
+    split: str = "dev"  # train | dev | test: which of the source's split expressions
+    name: str = ""  # defaults to "<source>-<split>"
 
 
 @dataclass
 class EvalConfig:
+    # Evaluation sets: [[eval.sets]] entries; without any, each source's `split` below. The best
+    # checkpoint is chosen on the first set; the others are watched (e.g. forgetting of a language).
+    sets: list[EvalSetConfig] = field(default_factory=list)
     split: str = "dev"  # which split of each source is evaluated during training
     max_utterances: int = 0  # 0: all; otherwise the first N (quick checks)
     batch_size: int = 16
@@ -144,13 +172,22 @@ class EvalConfig:
     # (asr.text.normalize); basic: Whisper's BasicTextNormalizer, for comparison with published numbers
     normalizer: str = "script"
     examples: int = 4  # reference/hypothesis pairs shown in TensorBoard
+    at_start: bool = True  # evaluate at step 0 (the zero-shot / untrained baseline) on a fresh run
+    worst: int = 20  # eval/step-N.worst.tsv: the utterances with the highest WER
 
 
 @dataclass
 class DecodeConfig:
     method: str = "greedy"  # greedy | beam
     beam_size: int = 4
-    max_new_tokens: int = 225
+    max_new_tokens: int = 225  # Whisper
+    prompt: str = ""  # Whisper: text given as previous context (<|startofprev|>), e.g. domain vocabulary
+    lm: str = ""  # CTC beam search: a word n-gram ARPA file (python -m asr.lm builds one)
+    lm_alpha: float = 0.5  # LM weight
+    lm_beta: float = 1.0  # word insertion bonus
+    hotwords: list[str] = field(default_factory=list)  # CTC beam search: words to boost
+    hotword_weight: float = 1.0
+    length_norm: bool = False
 
 
 @dataclass
@@ -170,6 +207,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
@@ -322,6 +360,7 @@ _CHOICES = {
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "decode.method": ("greedy", "beam"),
     "eval.normalizer": ("script", "basic"),
+    "eval.split": ("train", "dev", "test"),
 }
 _SOURCE_KINDS = ("common_voice", "manifest", "hf")
 
@@ -341,6 +380,21 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be at least 1")
+    names = [source_name(s) for s in cfg.data.sources]
+    for i, es in enumerate(cfg.eval.sets):
+        if es.source not in names:
+            raise ConfigError(f"eval.sets.{i}.source: {es.source!r} is not a data source "
+                              f"(sources: {', '.join(names) or 'none'})")
+        if es.split not in ("train", "dev", "test"):
+            raise ConfigError(f"eval.sets.{i}.split: {es.split!r} is not one of 'train', 'dev', 'test'")
+    for key in ("train.trainable", "train.frozen", "lora.targets"):
+        section, name = key.split(".")
+        for pattern in getattr(getattr(cfg, section), name):
+            _check_regex(key, pattern)
+    for pattern in cfg.train.lr_scale:
+        _check_regex("train.lr_scale", pattern)
+    if cfg.lora.rank < 0:
+        raise ConfigError("lora.rank: must be 0 (off) or positive")
     if cfg.preflight.cps_outlier_factor <= 1.0:
         raise ConfigError("preflight.cps_outlier_factor: must be greater than 1")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
@@ -356,6 +410,20 @@ def validate(cfg: Config) -> None:
             re.compile(_ignore_pattern(cfg.data.text.chars_to_ignore))
         except re.error as e:
             raise ConfigError(f"data.text.chars_to_ignore: invalid regular expression ({e})") from None
+
+
+def source_name(src: SourceConfig) -> str:
+    """A source's name: `name`, else its language, else its folder's name."""
+    return src.name or src.language or Path(src.path.rstrip("/")).name or src.kind
+
+
+def _check_regex(key: str, pattern: str) -> None:
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{key}: invalid regular expression {pattern!r} ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------

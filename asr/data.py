@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from asr.audio import AudioError, audio_info, load_audio
-from asr.config import DataConfig, SourceConfig
+from asr.config import DataConfig, SourceConfig, source_name  # noqa: F401 (source_name re-exported)
 from asr.text import clean_transcript
 
 
@@ -46,10 +46,6 @@ class Utterance:
 
 def split_names(expr: str) -> list[str]:
     return [s.strip() for s in expr.split("+") if s.strip()]
-
-
-def source_name(src: SourceConfig) -> str:
-    return src.name or src.language or Path(src.path.rstrip("/")).name or src.kind
 
 
 def _read_tsv(path: Path, bad: list) -> list[dict]:

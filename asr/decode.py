@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
+import heapq
+import math
 
 import torch
 
@@ -40,12 +43,22 @@ def whisper_generation_config(model, method: str = "greedy", beam_size: int = 4,
     return gen
 
 
+def whisper_context(tokenizer, text: str, max_tokens: int = 223) -> list[int]:
+    """<|startofprev|> followed by `text` as previous context (its last `max_tokens` tokens), as Whisper
+    conditions on earlier text; [] for no text."""
+    if not text.strip():
+        return []
+    ids = tokenizer.encode(" " + text.strip(), add_special_tokens=False)[-max_tokens:]
+    return [tokenizer.convert_tokens_to_ids("<|startofprev|>")] + ids
+
+
 @torch.no_grad()
 def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "greedy", beam_size: int = 4,
-                     max_new_tokens: int = 225) -> list[str]:
+                     max_new_tokens: int = 225, prompt: str = "") -> list[str]:
     """Batched Whisper decoding through `generate`, started from each utterance's training prompt
     (<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>), so decoding is forced to the same
-    language (or none, where model.language_map leaves it out) and task as the labels.
+    language (or none, where model.language_map leaves it out) and task as the labels. `prompt` is
+    optional previous-context text (domain vocabulary, spellings) placed before it.
 
     Utterances whose prompts differ (several languages in one batch) are decoded in groups.
     """
@@ -55,7 +68,8 @@ def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "g
 
     model = bundle.model
     features = model_inputs(bundle, batch, device)["input_features"]  # (B, n_mels, 3000)
-    prompts = [tuple(bundle.prefix_tokens(lang)) for lang in batch["languages"]]
+    context = whisper_context(bundle.tokenizer, prompt)
+    prompts = [tuple(context + bundle.prefix_tokens(lang)) for lang in batch["languages"]]
     texts: list[str] = [""] * len(prompts)
     for prompt in dict.fromkeys(prompts):
         rows = [i for i, p in enumerate(prompts) if p == prompt]
@@ -74,20 +88,44 @@ def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "g
     return texts
 
 
+@functools.lru_cache(maxsize=2)
+def load_lm(path: str):
+    """A word n-gram LM from an ARPA file, read once per process."""
+    from asr.lm import NgramLM
+
+    return NgramLM.load(path)
+
+
 @torch.no_grad()
-def ctc_decode(bundle, outputs, batch: dict) -> list[str]:
-    """Greedy CTC decoding of a forward pass to text."""
+def ctc_decode(bundle, outputs, batch: dict, cfg=None) -> list[str]:
+    """CTC decoding of a forward pass to text: greedy, or prefix beam search (with an optional n-gram LM
+    and hotwords) when `cfg` (a DecodeConfig) says method = "beam"."""
     lengths = bundle.model._get_feat_extract_output_lengths(batch["audio_lengths"])
-    return [bundle.vocab.decode(ids) for ids in ctc_greedy(outputs.logits, lengths, bundle.vocab.blank)]
+    vocab = bundle.vocab
+    if cfg is None or cfg.method == "greedy":
+        return [vocab.decode(ids) for ids in ctc_greedy(outputs.logits, lengths, vocab.blank)]
+    log_probs = torch.log_softmax(outputs.logits.float(), dim=-1)  # (B, T, V)
+    ids = ctc_beam_search(log_probs, lengths, vocab.blank, beam_width=cfg.beam_size, vocab=vocab,
+                          lm=load_lm(cfg.lm) if cfg.lm else None, alpha=cfg.lm_alpha, beta=cfg.lm_beta,
+                          hotwords=tuple(cfg.hotwords), hotword_weight=cfg.hotword_weight,
+                          length_norm=cfg.length_norm)
+    return [vocab.decode(i) for i in ids]
+
+
+def decode_tag(cfg) -> str:
+    """A short name for a decoding setting, used in eval file names: greedy, beam4, beam8-lm, greedy-prompt."""
+    tag = "greedy" if cfg.method == "greedy" else f"beam{cfg.beam_size}"
+    if cfg.method == "beam" and cfg.lm:
+        tag += "-lm"
+    if cfg.method == "beam" and cfg.hotwords:
+        tag += "-hot"
+    if cfg.prompt:
+        tag += "-prompt"
+    return tag
 
 
 # ---------------------------------------------------------------------------------------
 # CTC prefix beam search, optionally fused with a word n-gram LM (asr.lm.NgramLM) and hotwords.
-# (Imports of this section sit here so that the section stays self-contained.)
-
-import heapq  # noqa: E402
-import math  # noqa: E402
-
 _NEG_INF = float("-inf")
 _CONT, _START, _DELIM = 0, 1, 2  # a token continues the current word / starts a new one / ends it
 

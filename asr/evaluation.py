@@ -1,4 +1,4 @@
-"""Evaluation: decode a set, score it, write `eval/step-N.json` and `.tsv`."""
+"""Evaluation: decode a set, score it, write `eval/step-N.json`, `.tsv` and `.worst.tsv`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from asr import distributed as dist
 from asr.data import AudioDataset, Utterance, collate
 from asr.decode import ctc_decode, whisper_generate
 from asr.losses import LOSSES
-from asr.metrics import error_rates
+from asr.metrics import error_rates, hallucination_metrics, utterance_wer
+from asr.text import NORMALIZERS
 from asr.models import loss_batch, model_inputs
 
 
@@ -27,9 +28,11 @@ def eval_batches(utts: list[Utterance], batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocast=nullcontext) -> tuple[dict, list]:
-    """Decode `utts` and score them. Returns (metrics, rows of (id, reference, hypothesis)).
+    """Decode `utts` with `cfg.decode` and score them. Returns (metrics, rows of (id, reference, hypothesis)).
 
-    Metrics: wer, cer (normalised), wer_ortho, cer_ortho (percent), loss (teacher-forced), n.
+    Metrics: wer, cer (normalised with cfg.eval.normalizer in each utterance's language), wer_ortho,
+    cer_ortho (percent), loss (teacher-forced), n, failed (clips that could not be decoded), and the
+    hallucination signals of asr.metrics.hallucination_metrics on the normalised text.
     Evaluation is sharded over ranks and gathered; every rank gets the same result.
     """
     model = bundle.model
@@ -52,9 +55,9 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
             loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
             if bundle.family == "whisper":
                 hyps = whisper_generate(bundle, batch, device, cfg.decode.method, cfg.decode.beam_size,
-                                        cfg.decode.max_new_tokens)
+                                        cfg.decode.max_new_tokens, cfg.decode.prompt)
             else:
-                hyps = ctc_decode(bundle, outputs, batch)
+                hyps = ctc_decode(bundle, outputs, batch, cfg.decode)
         loss_sum += float(loss)
         loss_n += n
         rows += [(i, ref, hyp.strip(), None) for i, ref, hyp in zip(batch["ids"], batch["texts"], hyps)]
@@ -64,18 +67,43 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
     order = {u.id: k for k, u in enumerate(utts)}
     rows.sort(key=lambda r: order.get(r[0], 0))
     scored = [r for r in rows if r[3] is None]
-    metrics = error_rates([r[1] for r in scored], [r[2] for r in scored], cfg.eval.normalizer)
+    language = {u.id: u.language for u in utts}
+    langs = [language.get(r[0], "") for r in scored]
+    refs, hyps = [r[1] for r in scored], [r[2] for r in scored]
+    metrics = error_rates(refs, hyps, cfg.eval.normalizer, langs)
     metrics["loss"] = loss_sum / loss_n if loss_n else math.nan
     metrics["failed"] = len(rows) - len(scored)
+    norm = NORMALIZERS[cfg.eval.normalizer]
+    metrics.update(hallucination_metrics([norm(r, lang) for r, lang in zip(refs, langs)],
+                                         [norm(h, lang) for h, lang in zip(hyps, langs)]))
     return metrics, [r[:3] for r in scored]
 
 
-def write_eval(folder: Path, stem: str, metrics: dict, rows: list, extra: dict | None = None) -> None:
-    """`folder/stem.json` (metrics) and `folder/stem.tsv` (id, reference, hypothesis)."""
+def worst_rows(rows: list, n: int, normalizer: str, languages: dict) -> list:
+    """The `n` utterances with the highest normalised WER: (id, reference, hypothesis, wer)."""
+    norm = NORMALIZERS[normalizer]
+    scored = []
+    for utt_id, ref, hyp in rows:
+        lang = languages.get(utt_id, "")
+        scored.append((utt_id, ref, hyp, round(utterance_wer(norm(ref, lang), norm(hyp, lang)), 2)))
+    scored.sort(key=lambda r: -r[3])
+    return scored[:n]
+
+
+def write_eval(folder: Path, stem: str, metrics: dict, rows: list, extra: dict | None = None,
+               worst: list | None = None) -> None:
+    """`folder/stem.json` (metrics), `folder/stem.tsv` (id, reference, hypothesis) and, given `worst`,
+    `folder/stem.worst.tsv` (id, reference, hypothesis, wer)."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{stem}.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=1, ensure_ascii=False),
                                          encoding="utf-8")
-    with open(folder / f"{stem}.tsv", "w", encoding="utf-8", newline="") as f:
+    _write_tsv(folder / f"{stem}.tsv", ["id", "reference", "hypothesis"], rows)
+    if worst is not None:
+        _write_tsv(folder / f"{stem}.worst.tsv", ["id", "reference", "hypothesis", "wer"], worst)
+
+
+def _write_tsv(path: Path, header: list[str], rows: list) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        w.writerow(["id", "reference", "hypothesis"])
+        w.writerow(header)
         w.writerows(rows)

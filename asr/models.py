@@ -4,8 +4,10 @@ label construction, per-batch inputs on the device, and export as `save_pretrain
 from __future__ import annotations
 
 import json
+import re
+from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,7 +40,7 @@ class Bundle:
     tokenizer: object = None  # whisper: WhisperTokenizer
     vocab: object = None  # ctc: asr.text.CharVocab | PieceVocab
     processor: object = None  # for export
-    language_tokens: dict | None = None  # whisper: data language -> Whisper code or None
+    encoder_flags: dict = field(default_factory=dict)  # requires_grad of encoder parameters while frozen
 
     @property
     def labeler(self) -> Labeler:
@@ -244,10 +246,73 @@ def encoder_of(bundle: Bundle) -> torch.nn.Module:
 
 
 def set_encoder_frozen(bundle: Bundle, frozen: bool) -> None:
-    for p in encoder_of(bundle).parameters():
-        p.requires_grad_(not frozen)
-    if not frozen and bundle.family == "ctc" and bundle.cfg.freeze_feature_encoder:
-        bundle.model.freeze_feature_encoder()
+    """Freeze the whole encoder, or give its parameters back the trainability they had before."""
+    params = list(encoder_of(bundle).parameters())
+    if frozen:
+        bundle.encoder_flags = {id(p): p.requires_grad for p in params}
+        for p in params:
+            p.requires_grad_(False)
+    else:
+        for p in params:
+            p.requires_grad_(bundle.encoder_flags.get(id(p), True))
+        bundle.encoder_flags = {}
+
+
+def select_parameters(bundle: Bundle, train_cfg, lora_cfg) -> None:
+    """Decide which parameters train: `train.trainable` (only these), then `train.frozen`, then LoRA
+    adapters on the layers matching `lora.targets` (which freezes everything else except what
+    `train.trainable` names and a CTC model's output head). Patterns are regular expressions searched
+    in parameter names; one that matches nothing is an error."""
+    model = bundle.model
+    named = dict(model.named_parameters())
+
+    def matching(patterns, key):
+        hits = set()
+        for pattern in patterns:
+            found = {n for n in named if re.search(pattern, n)}
+            if not found:
+                raise ModelError(f"{key}: pattern {pattern!r} matches no parameter (e.g. {next(iter(named))})")
+            hits |= found
+        return hits
+
+    explicit = matching(train_cfg.trainable, "train.trainable")
+    if train_cfg.trainable:
+        for n, p in named.items():
+            p.requires_grad_(n in explicit)
+    for n in matching(train_cfg.frozen, "train.frozen"):
+        named[n].requires_grad_(False)
+    if bundle.family == "ctc" and bundle.cfg.freeze_feature_encoder:
+        model.freeze_feature_encoder()
+    if lora_cfg.rank > 0:
+        from asr.lora import apply_lora
+
+        keep = {n for n, p in named.items() if p.requires_grad and (n in explicit or
+                                                                   (bundle.family == "ctc" and n.startswith("lm_head")))}
+        try:
+            apply_lora(model, lora_cfg.targets, lora_cfg.rank, lora_cfg.alpha, lora_cfg.dropout)
+        except ValueError as e:
+            raise ModelError(f"lora.targets: {e}") from None
+        for n, p in model.named_parameters():
+            if n in keep:
+                p.requires_grad_(True)
+
+
+def parameter_summary(model: torch.nn.Module) -> str:
+    """Trainable / total parameters per top-level module (first two name components)."""
+    counts = defaultdict(lambda: [0, 0])
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if len(parts) > 2 else parts[0]
+        counts[key][0] += p.numel() if p.requires_grad else 0
+        counts[key][1] += p.numel()
+    width = max(len(k) for k in counts)
+    lines = [f"{'module':{width}s} {'trainable':>13s} {'total':>13s}"]
+    for key, (t, n) in counts.items():
+        lines.append(f"{key:{width}s} {t:13,d} {n:13,d}")
+    t = sum(c[0] for c in counts.values())
+    n = sum(c[1] for c in counts.values())
+    lines.append(f"{'all':{width}s} {t:13,d} {n:13,d} ({100 * t / max(n, 1):.2f}% trainable)")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,9 +351,15 @@ def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
 
 
 def export(bundle: Bundle, folder: str | Path) -> None:
-    """Write a `save_pretrained` folder (model + processor) that transformers' pipeline loads."""
+    """Write a `save_pretrained` folder (model + processor) that transformers' pipeline loads;
+    LoRA adapters are merged into the exported weights."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    from asr.lora import LoRALinear, merged_copy
+
+    if any(isinstance(m, LoRALinear) for m in bundle.model.modules()):
+        bundle = Bundle(bundle.family, merged_copy(bundle.model), bundle.cfg, bundle.tokenizer, bundle.vocab,
+                        bundle.processor)
     with quiet_progress_bars():
         _export(bundle, folder)
 

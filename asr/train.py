@@ -25,10 +25,11 @@ from asr import distributed as dist
 from asr.config import Config, to_toml
 from asr.data import (AudioDataset, DurationBatchSampler, SplitReport, Utterance, collate, filter_utterances,
                       format_report, read_source_split, source_name, write_report)
-from asr.evaluation import evaluate, write_eval
+from asr.decode import decode_tag
+from asr.evaluation import evaluate, worst_rows, write_eval
 from asr.losses import DEFAULT_LOSS, LOSSES
-from asr.models import (Bundle, build, export, infer_family, loss_batch, model_inputs, quiet_progress_bars,
-                        set_encoder_frozen)
+from asr.models import (Bundle, build, export, infer_family, loss_batch, model_inputs, parameter_summary,
+                        quiet_progress_bars, select_parameters, set_encoder_frozen)
 from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
 
 
@@ -115,6 +116,12 @@ def pick_precision(name: str, device: torch.device) -> str:
     return "fp32"
 
 
+def autocast_for(precision: str, device: torch.device):
+    """A factory of autocast contexts for bf16/fp16, or of null contexts for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -128,16 +135,27 @@ class Data:
     reports: dict[str, SplitReport] = field(default_factory=dict)
 
 
+def eval_set_specs(cfg: Config) -> list[tuple[str, str, str]]:
+    """(set name, source name, split) of each evaluation set: `eval.sets`, else each source's `eval.split`."""
+    if cfg.eval.sets:
+        return [(es.name or f"{es.source}-{es.split}", es.source, es.split) for es in cfg.eval.sets]
+    return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
+
+
 def read_data(cfg: Config) -> tuple[dict, dict]:
-    """Raw utterances per (source, split) and bad rows, for the training split and cfg.eval.split."""
+    """Raw utterances and bad rows per (source name, split) for the training splits and the evaluation sets."""
     raw, bad = {}, {}
-    names = [source_name(s) for s in cfg.data.sources]
-    if len(set(names)) != len(names):
-        raise TrainingError(f"data.sources: names must be unique (got {', '.join(names)}); set name = \"...\"")
-    for src, name in zip(cfg.data.sources, names):
-        for split, expr in (("train", src.train), ("eval", getattr(src, cfg.eval.split, ""))):
-            if expr:
-                raw[name, split], bad[name, split] = read_source_split(src, expr)
+    sources = {source_name(s): s for s in cfg.data.sources}
+    if len(sources) != len(cfg.data.sources):
+        names = ", ".join(source_name(s) for s in cfg.data.sources)
+        raise TrainingError(f"data.sources: names must be unique (got {names}); set name = \"...\"")
+    wanted = [(name, "train") for name, s in sources.items() if s.train]
+    for set_name, src, split in eval_set_specs(cfg):
+        if not getattr(sources[src], split):
+            raise TrainingError(f"evaluation set '{set_name}': data source '{src}' has no {split} split")
+        wanted.append((src, split))
+    for key in dict.fromkeys(wanted):
+        raw[key], bad[key] = read_source_split(sources[key[0]], getattr(sources[key[0]], key[1]))
     return raw, bad
 
 
@@ -173,15 +191,13 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
         labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
-    train, eval_sets, reports = [], {}, {}
+    kept, reports = {}, {}
     for (name, split), utts in raw.items():
-        label = f"{name}/{'train' if split == 'train' else cfg.eval.split}"
-        reports[label] = SplitReport()
-        kept = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[label])
-        if split == "train":
-            train += kept
-        else:
-            eval_sets[name] = kept[: cfg.eval.max_utterances] if cfg.eval.max_utterances else kept
+        reports[f"{name}/{split}"] = SplitReport()
+        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
+    train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
+    limit = cfg.eval.max_utterances or None
+    eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
     if dist.is_main():
         write_report(reports, out_dir / "data_report.json")
     log(format_report(reports))
@@ -189,11 +205,39 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    """AdamW over all parameters (frozen ones simply get no gradient); no weight decay on biases and norm
+    weights (1-D parameters); `train.lr_scale` multiplies the learning rate of matching parameters
+    (the first matching pattern counts)."""
+    import re
+
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        scale = next((v for pattern, v in cfg.lr_scale.items() if re.search(pattern, name)), 1.0)
+        groups.setdefault((p.ndim >= 2, scale), []).append(p)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
+         for (decay, scale), ps in groups.items()], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def checkpoint_state(model: torch.nn.Module, names: set[str] | None) -> dict:
+    """The model's state dict, or only the entries in `names` (train.save_trainable_only)."""
+    state = model.state_dict()
+    return state if names is None else {k: v for k, v in state.items() if k in names}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, names: set[str] | None, where: str) -> None:
+    """Load a checkpoint's weights; with `names`, a partial state over the freshly built base model."""
+    try:
+        if names is None:
+            model.load_state_dict(state)
+        else:
+            missing = set(state) - set(model.state_dict())
+            if missing:
+                raise RuntimeError(f"unexpected keys {sorted(missing)[:3]}")
+            model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # another model, or a CTC head for another vocabulary than the run's
+        raise TrainingError(f"{where} does not fit the configured model "
+                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
 
 
 def lr_lambda(cfg):
@@ -279,7 +323,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     out = Path(cfg.run.out_dir)
     if fresh and dist.is_main() and out.exists():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log"):
+        for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log", "preflight.json"):
             p = out / name
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     dist.barrier()
@@ -290,15 +334,22 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    if cfg.preflight.enabled and dist.is_main() and not ckpt.latest_checkpoint(out / "checkpoints"):
+        from asr.preflight import format_preflight, preflight, write_preflight
+
+        report = preflight(cfg)
+        write_preflight(report, out)
+        log(format_preflight(report))
 
     bundle, data = prepare(cfg, out, log)
     if not data.train:
         raise TrainingError(f"no training utterances left after filtering (see {out / 'data_report.json'})")
-    model = bundle.model.to(device)
     tc = cfg.train
+    select_parameters(bundle, tc, cfg.lora)
+    model = bundle.model.to(device)
+    saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
     precision = pick_precision(tc.precision, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_name = tc.loss or DEFAULT_LOSS[bundle.family]
     if loss_name not in LOSSES:
@@ -317,6 +368,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     # Resume from the newest complete checkpoint (partial ones are removed first).
     ck_dir = out / "checkpoints"
     step, best, totals = 0, {"wer": math.inf, "step": -1}, {"samples": 0, "audio_s": 0.0, "time": 0.0}
+    baseline: dict[str, float] = {}  # WER of each evaluation set at step 0, to show forgetting
     bad_steps = skipped_steps = 0  # non-finite steps in a row / in the whole run
     if dist.is_main():
         for p in ckpt.clean_partial(ck_dir):
@@ -326,7 +378,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     trainer_state = None
     if latest is not None:
         model_state, optim_state, trainer_state = ckpt.load_checkpoint(latest, map_location=device)
-        model.load_state_dict(model_state)
+        load_model_state(model, model_state, saved_names, f"checkpoint {latest}")
         optimizer.load_state_dict(optim_state)
         scheduler.load_state_dict(trainer_state["scheduler"])
         # The learning rate of the next step comes from this run's schedule (the saved one may have had
@@ -338,7 +390,10 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         sampler.load_state_dict(trainer_state["sampler"])
         step, best, totals = trainer_state["step"], trainer_state["best"], trainer_state["totals"]
         skipped_steps = trainer_state.get("skipped_steps", 0)
+        baseline = trainer_state.get("baseline", {})
         log(f"resumed from {latest} (step {step})")
+    else:
+        log(parameter_summary(model))
     frozen = cfg.model.freeze_encoder_steps > step
     if frozen:
         set_encoder_frozen(bundle, True)
@@ -361,9 +416,9 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         if dist.is_main():
             state = {"step": at_step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                      "sampler": sampler_state, "rng": rng, "best": best, "totals": totals,
-                     "skipped_steps": skipped_steps}
-            path = ckpt.save_checkpoint(ck_dir, at_step, model.state_dict(), optimizer.state_dict(), state,
-                                        to_toml(cfg))
+                     "skipped_steps": skipped_steps, "baseline": baseline}
+            path = ckpt.save_checkpoint(ck_dir, at_step, checkpoint_state(model, saved_names),
+                                        optimizer.state_dict(), state, to_toml(cfg))
             ckpt.prune(ck_dir, tc.keep_last, {best["step"]})
             log(f"saved {path}")
         dist.barrier()
@@ -373,25 +428,33 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         results = {}
         for k, (name, utts) in enumerate(data.eval_sets.items()):
             metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
+            if at_step == 0:
+                baseline.setdefault(name, metrics["wer"])
+            if name in baseline:
+                metrics["wer_change_since_step0"] = metrics["wer"] - baseline[name]
             results[name] = metrics
             if dist.is_main():
                 stem = ckpt.step_dir_name(at_step) + ("" if k == 0 else f".{name}")
-                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": at_step})
-                for key in ("wer", "cer", "wer_ortho", "cer_ortho", "loss"):
-                    tb.add_scalar(f"eval/{name}/{key}", metrics[key], at_step)
+                worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
+                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": at_step}, worst)
+                for key in EVAL_SCALARS + ("wer_change_since_step0",):
+                    if key in metrics:
+                        tb.add_scalar(f"eval/{name}/{key}", metrics[key], at_step)
                 tb.add_text(f"eval/{name}/examples", "\n\n".join(
                     f"**ref:** {r}  \n**hyp:** {h}" for _, r, h in rows[: cfg.eval.examples]), at_step)
             log(f"eval {name} step {at_step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
-                f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']})")
+                f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']})"
+                + (f" change since step 0 {metrics['wer_change_since_step0']:+.2f}" if at_step and name in baseline
+                   else ""))
+        new_best = False
         if results:
             first = next(iter(results.values()))
-            if first["wer"] < best["wer"]:
-                best = {"wer": first["wer"], "cer": first["cer"], "step": at_step}
+            if (first["wer"], first["cer"]) < (best["wer"], best.get("cer", math.inf)):  # CER breaks WER ties
+                best, new_best = {"wer": first["wer"], "cer": first["cer"], "step": at_step}, True
                 if dist.is_main():
                     export_to(bundle, out / "best", {"kind": "best", **best})
                     log(f"new best wer {first['wer']:.2f} at step {at_step}")
-                return {"results": results, "new_best": True}
-        return {"results": results, "new_best": False}
+        return {"results": results, "new_best": new_best}
 
     stop = Stop().install()
     model.train()
@@ -403,6 +466,8 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     progress = log.progress = Progress(tc.max_steps)
     first_step = step
     try:
+        if step == 0 and cfg.eval.at_start:
+            run_eval(0)  # the baseline: what fine-tuning starts from
         while step < tc.max_steps:
             if frozen and step >= cfg.model.freeze_encoder_steps:
                 set_encoder_frozen(bundle, False)
@@ -517,6 +582,8 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         "steps": step,
         "eval": last_eval["results"],
         "best": best,
+        "baseline_wer": baseline,
+        "skipped_steps": skipped_steps,
         "train_samples_per_s": totals["samples"] / max(totals["time"], 1e-9),
         "train_audio_s_per_s": totals["audio_s"] / max(totals["time"], 1e-9),
         "train_s_per_step": totals["time"] / max(step, 1),
@@ -530,6 +597,10 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     return results
 
 
+EVAL_SCALARS = ("wer", "cer", "wer_ortho", "cer_ortho", "loss", "insertion_rate", "empty_rate", "loop_rate",
+                "compression_ratio", "high_compression_rate", "length_ratio")
+
+
 def wrap(model: torch.nn.Module, device: torch.device):
     """DistributedDataParallel when launched with torchrun, else the model itself."""
     if not dist.is_initialized():
@@ -541,7 +612,8 @@ def wrap(model: torch.nn.Module, device: torch.device):
 
 def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     """Evaluate without training: a checkpoint folder (training `step-N/` or exported `best/`, `final/`),
-    else the run's newest checkpoint, else the model as configured (zero-shot)."""
+    else the run's newest checkpoint, else the model as configured (zero-shot). Writes
+    eval/step-N.<split>.<decoding>[.<set>].json/.tsv/.worst.tsv, so decoding settings sit side by side."""
     device = pick_device(cfg.run.device)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -553,36 +625,34 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     if path is not None:
         if not path.is_dir():
             raise TrainingError(f"--checkpoint: not a folder: {path}")
-        if (path / "model.pt").is_file():
+        if (path / "model.pt").is_file():  # a training checkpoint: the same parameter set-up (LoRA) first
+            select_parameters(bundle, cfg.train, cfg.lora)
             state, _, trainer_state = ckpt.load_checkpoint(path)
             step = trainer_state["step"]
-        elif (path / "config.json").is_file():
+            partial = set(state) if cfg.train.save_trainable_only else None
+        elif (path / "config.json").is_file():  # an exported folder: merged weights, the base architecture
             with quiet_progress_bars():
                 state = type(bundle.model).from_pretrained(str(path), dtype=torch.float32).state_dict()
             info = path / EXPORT_INFO
             step = json.loads(info.read_text())["step"] if info.is_file() else 0
+            partial = None
         else:
             raise TrainingError(f"--checkpoint: {path} holds neither model.pt nor config.json")
-        try:
-            bundle.model.load_state_dict(state)
-        except RuntimeError as e:  # another model, or a CTC head for another vocabulary than the run's
-            raise TrainingError(f"--checkpoint: {path} does not fit the configured model "
-                                f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+        load_model_state(bundle.model, state, partial, f"--checkpoint: {path}")
         log(f"evaluating {path} (step {step})")
     model = bundle.model.to(device)
-    precision = pick_precision(cfg.train.precision, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else nullcontext
+    autocast = autocast_for(pick_precision(cfg.train.precision, device), device)
     loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
-    tag = cfg.decode.method if cfg.decode.method == "greedy" else f"{cfg.decode.method}{cfg.decode.beam_size}"
+    tag = decode_tag(cfg.decode)
     results = {}
     for k, (name, utts) in enumerate(data.eval_sets.items()):
         metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
         results[name] = metrics
         if dist.is_main():
             stem = f"{ckpt.step_dir_name(step)}.{cfg.eval.split}.{tag}" + ("" if k == 0 else f".{name}")
+            worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
             write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step, "decode": tag,
-                                                           "split": cfg.eval.split})
+                                                           "split": cfg.eval.split}, worst)
         log(f"eval {name} ({cfg.eval.split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
             f"wer_ortho {metrics['wer_ortho']:.2f} cer_ortho {metrics['cer_ortho']:.2f} (n={metrics['n']})")
     log.close()

@@ -93,8 +93,10 @@ def test_run_layout(finished_run):
 def test_checkpoints_keep_last_plus_best(finished_run):
     _, out, results = finished_run
     ck = out / "checkpoints"
-    wers = {s: read_json(out / "eval" / f"step-{s:06d}.json")["wer"] for s in (10, 20, 30, 40)}
-    best_step = min(wers, key=lambda s: (wers[s], s))  # the first step with the lowest WER
+    scores = {s: (lambda m: (m["wer"], m["cer"]))(read_json(out / "eval" / f"step-{s:06d}.json"))
+              for s in (0, 10, 20, 30, 40)}
+    best_step = min(scores, key=lambda s: (scores[s], s))  # the first step with the lowest (WER, CER)
+    assert best_step > 0, "the untrained model scored best: the fixture trains too little to test this"
     assert results["best"]["step"] == best_step
     expected = {f"step-{s:06d}" for s in (30, 40, best_step)}
     assert {p.name for p in ck.iterdir()} == expected
@@ -114,9 +116,27 @@ def test_tensorboard_scalars(finished_run):
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s", "train/audio_s_per_s",
                 "eval/tr/wer", "eval/tr/cer", "eval/tr/loss"):
         assert tag in tags, f"{tag} missing from TensorBoard (have {sorted(tags)})"
-    assert [s for s, _ in tags["eval/tr/wer"]] == [10, 20, 30, 40]
+    assert [s for s, _ in tags["eval/tr/wer"]] == [0, 10, 20, 30, 40]  # step 0: the untrained baseline
     assert tags["eval/tr/wer"][-1][1] == pytest.approx(read_json(out / "eval" / "step-000040.json")["wer"])
     assert all(v > 0 for _, v in tags["train/samples_per_s"])
+    for key in ("insertion_rate", "empty_rate", "loop_rate", "compression_ratio", "length_ratio"):
+        assert [s for s, _ in tags[f"eval/tr/{key}"]] == [0, 10, 20, 30, 40]
+    change = tags["eval/tr/wer_change_since_step0"]
+    step0 = read_json(out / "eval" / "step-000000.json")["wer"]
+    assert change[-1][1] == pytest.approx(tags["eval/tr/wer"][-1][1] - step0)
+
+
+def test_step0_is_evaluated_but_not_checkpointed(finished_run):
+    _, out, results = finished_run
+    m = read_json(out / "eval" / "step-000000.json")
+    assert m["step"] == 0 and m["n"] == read_json(out / "eval" / "step-000040.json")["n"] > 0
+    assert results["baseline_wer"] == {"tr": m["wer"]}
+    assert not (out / "checkpoints" / "step-000000").exists()
+    worst = read_tsv(out / "eval" / "step-000040.worst.tsv")
+    assert list(worst[0]) == ["id", "reference", "hypothesis", "wer"]
+    assert len(worst) == min(20, m["n"])
+    wers = [float(r["wer"]) for r in worst]
+    assert wers == sorted(wers, reverse=True)
 
 
 def test_partial_checkpoint_is_removed_and_never_loaded(finished_run, tmp_path):
