@@ -141,12 +141,14 @@ def side_hf(args, work: Path) -> dict:
 
     step_times, lengths = [], []
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, a, state, control, **kw):
+    class StepTimer(TrainerCallback):  # from one step's end to the next: data loading included, as ours
+        def on_train_begin(self, a, state, control, **kw):
             self.t = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            step_times.append(time.perf_counter() - self.t)
+            now = time.perf_counter()
+            step_times.append(now - self.t)
+            self.t = now
 
     collator = DataCollatorCTCWithPadding(processor)
 
