@@ -15,13 +15,22 @@ import os
 import sys
 
 
-def quiet_libraries() -> None:
-    """Keep the training log readable: transformers' errors only, no per-call progress bars."""
+def quiet_libraries():
+    """Keep the training log readable: transformers' errors only, no per-call progress bars. Returns a
+    function that restores the previous settings (main() also runs in-process, e.g. in tests)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+    def restore() -> None:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+    return restore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_toml(cfg))
         return 0
 
-    quiet_libraries()
+    restore_libraries = quiet_libraries()
     from asr import distributed as dist
     from asr.audio import AudioError
     from asr.checkpoint import CheckpointError
@@ -74,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         dist.cleanup()
+        restore_libraries()
     return 0
 
 

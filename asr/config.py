@@ -381,12 +381,17 @@ def validate(cfg: Config) -> None:
         if getattr(getattr(cfg, section), name) < 1:
             raise ConfigError(f"{key}: must be at least 1")
     names = [source_name(s) for s in cfg.data.sources]
+    set_names: set[str] = set()
     for i, es in enumerate(cfg.eval.sets):
         if es.source not in names:
             raise ConfigError(f"eval.sets.{i}.source: {es.source!r} is not a data source "
                               f"(sources: {', '.join(names) or 'none'})")
         if es.split not in ("train", "dev", "test"):
             raise ConfigError(f"eval.sets.{i}.split: {es.split!r} is not one of 'train', 'dev', 'test'")
+        set_name = es.name or f"{es.source}-{es.split}"  # as asr.train.eval_set_specs names it
+        if set_name in set_names:  # a second set of the same name would silently replace the first
+            raise ConfigError(f"eval.sets.{i}.name: {set_name!r} names an earlier evaluation set too")
+        set_names.add(set_name)
     for key in ("train.trainable", "train.frozen", "lora.targets"):
         section, name = key.split(".")
         for pattern in getattr(getattr(cfg, section), name):

@@ -277,8 +277,8 @@ def select_parameters(bundle: Bundle, train_cfg, lora_cfg) -> None:
 
     explicit = matching(train_cfg.trainable, "train.trainable")
     if train_cfg.trainable:
-        for n, p in named.items():
-            p.requires_grad_(n in explicit)
+        for n, p in named.items():  # a selection: what the model keeps fixed (Whisper's sinusoids) stays fixed
+            p.requires_grad_(p.requires_grad and n in explicit)
     for n in matching(train_cfg.frozen, "train.frozen"):
         named[n].requires_grad_(False)
     if bundle.family == "ctc" and bundle.cfg.freeze_feature_encoder:

@@ -186,7 +186,10 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
     raw, bad = read_data(cfg)
     family = infer_family(cfg.model)
     vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
-    languages = sorted({s.language for s in cfg.data.sources})
+    # Training languages first: the first is what an exported Whisper transcribes by default, not the
+    # language of an evaluation-only source (e.g. one watched for forgetting).
+    training = sorted({s.language for s in cfg.data.sources if s.train})
+    languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
     bundle = build(cfg.model, vocab, languages)
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
@@ -202,6 +205,21 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
         write_report(reports, out_dir / "data_report.json")
     log(format_report(reports))
     return bundle, Data(train, eval_sets, reports)
+
+
+def check_decoding(cfg: Config) -> None:
+    """Read the decoding LM (decode.lm, used by CTC beam search) before any work, so a missing or malformed
+    file is one line at start-up rather than a traceback at the first evaluation."""
+    if not (cfg.decode.lm and cfg.decode.method == "beam"):
+        return
+    from asr.decode import load_lm
+    from asr.lm import ArpaError
+
+    try:
+        load_lm(cfg.decode.lm)
+    except (OSError, ArpaError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise TrainingError(f"decode.lm: cannot read {cfg.decode.lm}: {detail}") from None
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
@@ -320,6 +338,7 @@ class Stop:
 def train(cfg: Config, fresh: bool = False) -> dict:
     """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`."""
     device = pick_device(cfg.run.device)
+    check_decoding(cfg)
     out = Path(cfg.run.out_dir)
     if fresh and dist.is_main() and out.exists():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -379,7 +398,12 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     if latest is not None:
         model_state, optim_state, trainer_state = ckpt.load_checkpoint(latest, map_location=device)
         load_model_state(model, model_state, saved_names, f"checkpoint {latest}")
-        optimizer.load_state_dict(optim_state)
+        try:
+            optimizer.load_state_dict(optim_state)
+        except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
+            raise TrainingError(f"checkpoint {latest}: its optimizer state does not fit this run ({e}); "
+                                f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
+                                ) from None
         scheduler.load_state_dict(trainer_state["scheduler"])
         # The learning rate of the next step comes from this run's schedule (the saved one may have had
         # another max_steps, e.g. a run extended after it finished); with an unchanged config it is the same.
@@ -615,6 +639,7 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     else the run's newest checkpoint, else the model as configured (zero-shot). Writes
     eval/step-N.<split>.<decoding>[.<set>].json/.tsv/.worst.tsv, so decoding settings sit side by side."""
     device = pick_device(cfg.run.device)
+    check_decoding(cfg)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log")
@@ -645,15 +670,17 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
     tag = decode_tag(cfg.decode)
     results = {}
+    splits = {name: split for name, _, split in eval_set_specs(cfg)}  # eval.sets name each set's own split
     for k, (name, utts) in enumerate(data.eval_sets.items()):
         metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
         results[name] = metrics
+        split = splits[name]
         if dist.is_main():
-            stem = f"{ckpt.step_dir_name(step)}.{cfg.eval.split}.{tag}" + ("" if k == 0 else f".{name}")
+            stem = f"{ckpt.step_dir_name(step)}.{split}.{tag}" + ("" if k == 0 else f".{name}")
             worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
             write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step, "decode": tag,
-                                                           "split": cfg.eval.split}, worst)
-        log(f"eval {name} ({cfg.eval.split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
+                                                           "split": split}, worst)
+        log(f"eval {name} ({split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
             f"wer_ortho {metrics['wer_ortho']:.2f} cer_ortho {metrics['cer_ortho']:.2f} (n={metrics['n']})")
     log.close()
     return results
