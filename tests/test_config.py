@@ -158,6 +158,7 @@ RICH_OVERRIDES = [
     "data.text.chars_to_ignore=[\\,\\?\\.\\!\\-\\;\\:\\\"“%‘”�']",
     'model.language_map={dv = "si", xx = ""}',
     "model.layerdrop=0.05",  # one optional field set, the others stay None
+    'eval.sets=[{source = "tr", split = "dev", name = "tr"}, {source = "m", split = "test"}]',
     "train.lr=1",
     'run.out_dir=runs/with "quotes" and \\backslash',
 ]
