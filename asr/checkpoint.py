@@ -5,6 +5,10 @@ one found on restart, old ones pruned. A checkpoint folder `step-000123/` holds:
     optimizer.pt  optimizer state dict
     trainer.pt    step, scheduler, scaler, sampler position, RNG states, best score, counters
     config.toml   the resolved config
+
+A kill at any moment leaves either the complete folder or a `.tmp-*` one that `clean_partial` removes
+on the next start (or, for a checkpoint that was being replaced by a re-save of the same step, moves
+back); a failed write (disk full) raises CheckpointError naming the folder and leaves no `.tmp-*` behind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import torch
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = TMP_PREFIX + "old-"  # a complete folder moved aside while its replacement is renamed in
+_OLD_DIR = re.compile(r"^\.tmp-old-(.+)-(\d+)$")  # .tmp-old-<name>-<pid>
 
 
 class CheckpointError(Exception):
@@ -56,20 +62,50 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
+class _WriteErrors:
+    """A binary file for torch.save that remembers the OSError its writes raised: torch.save's zip writer
+    turns a failed write (ENOSPC, EFBIG, EIO) into a RuntimeError about stream positions."""
+
+    def __init__(self, f):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
 def _save_file(obj, path: Path) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        w = _WriteErrors(f)
+        try:
+            torch.save(obj, w)
+        except Exception:
+            if w.error is not None:
+                raise w.error from None  # the real cause, e.g. "No space left on device"
+            raise
         f.flush()
         os.fsync(f.fileno())
 
 
 def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict,
                     config_toml: str) -> Path:
-    """Write `folder/step-NNNNNN` atomically; a failure leaves earlier checkpoints untouched."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `folder/step-NNNNNN` atomically; a failure (CheckpointError) leaves earlier checkpoints
+    untouched and no temporary folder behind."""
     final = folder / step_dir_name(step)
     tmp = folder / f"{TMP_PREFIX}{step_dir_name(step)}-{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -81,17 +117,17 @@ def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state:
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-            old = folder / f"{TMP_PREFIX}old-{step_dir_name(step)}-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) replaces it
         _fsync_dir(folder)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {e.strerror or e}") from None
+        reason = io_error_reason(e)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}") from None
+    except BaseException:  # KeyboardInterrupt: nothing half-written stays behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -108,13 +144,21 @@ def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
 
 
 def clean_partial(folder: Path) -> list[Path]:
-    """Remove temporary folders left by an interrupted save; returns what was removed."""
+    """Remove temporary folders left by an interrupted save; returns what was removed.
+
+    A complete folder that a save had moved aside to replace it (`.tmp-old-<name>-<pid>`) is moved back
+    when the kill came before its replacement was renamed in, so no complete checkpoint is lost."""
     removed = []
     if folder.is_dir():
-        for p in folder.iterdir():
-            if p.name.startswith(TMP_PREFIX):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+        for p in sorted(folder.iterdir()):
+            if not p.name.startswith(TMP_PREFIX):
+                continue
+            m = _OLD_DIR.match(p.name)
+            if m and not (folder / m.group(1)).exists():
+                p.rename(folder / m.group(1))
+                continue
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+            removed.append(p)
     return removed
 
 
@@ -140,12 +184,58 @@ def prune(folder: Path, keep_last: int, keep_steps: set[int] = frozenset()) -> N
     recent = {s for s, _ in found[-keep_last:]} if keep_last > 0 else set()
     for step, path in found:
         if step not in recent and step not in keep_steps:
-            shutil.rmtree(path, ignore_errors=True)
+            # Renamed first: a kill during the deletion leaves a .tmp-* folder that clean_partial removes,
+            # not a half-deleted step-N.
+            doomed = path.with_name(f"{TMP_PREFIX}prune-{path.name}-{os.getpid()}")
+            try:
+                path.rename(doomed)
+            except OSError:
+                doomed = path
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def io_error_reason(e: BaseException) -> str | None:
+    """The operating-system reason ("No space left on device") behind a failed write, or None when `e`
+    is not one: an OSError, or a library's own error that wraps or reports one (safetensors raises
+    SafetensorError "... (os error 28)", torch.save a RuntimeError whose context is the OSError)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e.strerror or str(e) or type(e).__name__
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return os.strerror(int(m.group(1)))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def write_folder(folder: Path, write) -> None:
+    """Write a folder atomically: `write(tmp)` fills a temporary folder beside `folder`, which then replaces
+    it. A write that fails for a reason of the operating system (disk full, file too large, read-only)
+    raises CheckpointError naming `folder` and leaves neither a temporary folder nor a changed `folder`."""
+    tmp = folder.with_name(f"{TMP_PREFIX}{folder.name}-{os.getpid()}")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        _fsync_dir(tmp)
+        replace_dir(tmp, folder)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = io_error_reason(e)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write {folder}: {reason}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing `dst` with as short a gap as renames allow."""
-    old = dst.with_name(f"{TMP_PREFIX}old-{dst.name}-{os.getpid()}")
+    """Move folder `src` to `dst`, replacing `dst` with as short a gap as renames allow (a kill inside the
+    gap leaves `dst` as `.tmp-old-<name>-<pid>`, which `clean_partial` of dst's folder moves back)."""
+    old = dst.with_name(f"{OLD_PREFIX}{dst.name}-{os.getpid()}")
     if dst.exists():
         dst.rename(old)
     src.rename(dst)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 import torch.distributed as td
@@ -72,3 +73,15 @@ def broadcast_object(obj):
 def cleanup() -> None:
     if is_initialized():
         td.destroy_process_group()
+
+
+def loader_worker_init(worker_id: int = 0) -> None:
+    """`worker_init_fn` of every DataLoader: keep stop signals for the main process, which saves a checkpoint
+    and then stops. A terminal's Ctrl-C, a scheduler, and torchrun (os.killpg on each rank) signal the whole
+    process group; a worker killed by it makes the main process fail on the spot ("DataLoader worker ... is
+    killed by signal") without saving. So the worker leaves the process group (group signals no longer reach
+    it) and ignores SIGINT. It still ends with the main process: the loader shuts it down, multiprocessing's
+    exit handler terminates it (SIGTERM, sent to it alone), or it sees that the main process is gone."""
+    if hasattr(os, "setpgrp"):  # POSIX
+        os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
