@@ -28,6 +28,7 @@ def audio_info(path: str | Path | bytes | io.IOBase) -> tuple[float, int]:
     """(duration in seconds, sample rate) from the header of a file (a path, the file's bytes or a
     binary file object), without decoding. Raises AudioError naming the file."""
     name, src = _source(path)
+    _check_complete(name, src)
     try:
         info = sf.info(src)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for bad files
@@ -54,6 +55,71 @@ def _source(path) -> tuple[str, object]:
     return str(path), str(path)
 
 
+_MPEG_KBPS = {  # (MPEG-1?, layer) -> kbit/s by bitrate index
+    (True, 1): (0, 32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (0, 32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (0, 32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+    (False, 3): (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
+
+
+def mpeg_truncation(data: bytes) -> str | None:
+    """Why an MPEG audio (mp3) stream looks cut short, or None: its last frame runs past the end of the
+    data, or it holds fewer frames than its Xing/Info header says. Decoders drop a cut frame silently and
+    return the audio before it, so a half-copied clip would otherwise train against its whole transcript.
+    Data that is not a clean frame sequence (other formats, junk between frames) is left to the decoder."""
+    pos, end = 0, len(data)
+    if data[:3] == b"ID3" and end >= 10:  # ID3v2 tag: synchsafe size, optional footer
+        pos = 10 + ((data[6] & 0x7F) << 21 | (data[7] & 0x7F) << 14 | (data[8] & 0x7F) << 7 | (data[9] & 0x7F))
+        pos += 10 if data[5] & 0x10 else 0
+    if end - 128 >= pos and data[end - 128 : end - 125] == b"TAG":  # ID3v1 tag
+        end -= 128
+    frames, expected = 0, None
+    while pos + 4 <= end:
+        h = int.from_bytes(data[pos : pos + 4], "big")
+        version, layer_bits = (h >> 19) & 3, (h >> 17) & 3
+        bitrate_index, rate_index, padding = (h >> 12) & 15, (h >> 10) & 3, (h >> 9) & 1
+        if (h >> 21) != 0x7FF or version == 1 or layer_bits == 0 or bitrate_index in (0, 15) or rate_index == 3:
+            return None  # not a frame header (junk, another tag, free format): the decoder decides
+        mpeg1, layer = version == 3, 4 - layer_bits
+        bitrate, rate = _MPEG_KBPS[mpeg1, layer][bitrate_index] * 1000, _MPEG_RATES[version][rate_index]
+        if layer == 1:
+            size = (12 * bitrate // rate + padding) * 4
+        else:
+            size = (144 if mpeg1 or layer == 2 else 72) * bitrate // rate + padding
+        if frames == 0 and layer == 3:  # a Xing/Info header in the first frame may give the frame count
+            mono = (h >> 6) & 3 == 3
+            off = pos + 4 + ((17 if mono else 32) if mpeg1 else (9 if mono else 17))
+            if data[off : off + 4] in (b"Xing", b"Info") and int.from_bytes(data[off + 4 : off + 8], "big") & 1:
+                expected = int.from_bytes(data[off + 8 : off + 12], "big")
+        if pos + size > end:
+            return f"truncated: the last MPEG frame needs {pos + size - end} more bytes"
+        pos, frames = pos + size, frames + 1
+    if expected is not None and frames - 1 < expected:  # the header frame is not counted
+        return f"truncated: {frames - 1} of {expected} MPEG frames"
+    return None
+
+
+def _check_complete(name: str, src) -> None:
+    """AudioError when `src` (a path or BytesIO from `_source`) is an mp3 cut short (see mpeg_truncation)."""
+    if isinstance(src, io.BytesIO):
+        data = src.getvalue()
+    elif isinstance(src, str):
+        with open(src, "rb") as f:
+            head = f.read(3)
+            if head != b"ID3" and not (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+                return  # not MPEG audio
+            data = head + f.read()
+    else:
+        return
+    reason = mpeg_truncation(data)
+    if reason:
+        raise AudioError(_message(name, reason))
+
+
 def _message(name: str, what: str) -> str:
     return re.sub(r"\s*[\r\n]+\s*", " ", f"{name}: {what}".strip())  # always one line
 
@@ -76,6 +142,7 @@ def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tens
     """Decode wav/flac/mp3/ogg (a path, the file's bytes or a binary file object) to mono float32 at
     `sample_rate`. Returns (N,). A missing, empty or corrupt file raises AudioError (one line, naming it)."""
     name, src = _source(path)
+    _check_complete(name, src)
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)  # (N, C)
     except Exception as e:

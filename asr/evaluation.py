@@ -43,6 +43,7 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
     # must not shift the dropout and masking draws of the training steps after it (exact resume).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=eval_batches(utts, cfg.eval.batch_size),
                                          collate_fn=collate, num_workers=cfg.data.num_workers,
+                                         worker_init_fn=dist.loader_worker_init,
                                          generator=torch.Generator().manual_seed(0))
     rows, loss_sum, loss_n = [], 0.0, 0
     for batch in loader:

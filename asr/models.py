@@ -76,11 +76,24 @@ class Bundle:
         return int(self.model._get_feat_extract_output_lengths(torch.tensor(n_samples)).item())
 
 
+def check_model_name(name: str) -> None:
+    """ModelError for a model.name that can only be a local folder (absolute, ./, ../, ~, or more than one
+    "/"; hub ids are "owner/name") when there is no such folder: transformers would otherwise take it for
+    a malformed hub id ("Repo id must be in the form ...")."""
+    import os
+
+    if not name or os.path.isdir(os.path.expanduser(name)):
+        return
+    if name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name):
+        raise ModelError(f"model.name: folder not found: {name}")
+
+
 def infer_family(cfg: ModelConfig) -> str:
     if cfg.family:
         return cfg.family
     if cfg.init == "scratch" and not cfg.name:
         return "ctc"
+    check_model_name(cfg.name)
     from transformers import AutoConfig
 
     try:
@@ -229,6 +242,7 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
 
 def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
     """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`."""
+    check_model_name(cfg.name)
     family = infer_family(cfg)
     if family != "whisper" and vocab is None:
         raise ModelError("a CTC model needs a vocabulary")

@@ -294,16 +294,14 @@ def fallback_batch(utts: list[Utterance], cfg: Config) -> dict:
 
 
 def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
-    """Export a `save_pretrained` folder atomically (temporary folder, then rename)."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """Export a `save_pretrained` folder atomically (temporary folder, then rename); a failed write (disk
+    full), however the writing library reports it, is a one-line CheckpointError naming the folder."""
+
+    def write(tmp: Path) -> None:
         export(bundle, tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(info))
-        ckpt.replace_dir(tmp, folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ckpt.CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
+
+    ckpt.write_folder(folder, write)
 
 
 class Stop:
@@ -429,6 +427,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     loader = torch.utils.data.DataLoader(
         AudioDataset(data.train, cfg.data.sample_rate), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
         persistent_workers=False,
     )
@@ -565,11 +564,13 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             progress.update(step, first_step, loss_total / max(n_window, 1.0))
             if step % tc.log_every == 0 or step == tc.max_steps:
                 elapsed = max(window["time"], 1e-9)
-                loss_avg = window["loss"] / max(window["n"], 1)
-                loss_log.append((step, loss_avg))
+                loss_avg = window["loss"] / window["n"] if window["n"] else math.nan  # nan: every step skipped
+                if window["n"]:
+                    loss_log.append((step, loss_avg))
                 lr = scheduler.get_last_lr()[0]
                 if tb:
-                    tb.add_scalar("train/loss", loss_avg, step)
+                    if window["n"]:
+                        tb.add_scalar("train/loss", loss_avg, step)
                     tb.add_scalar("train/lr", lr, step)
                     tb.add_scalar("train/grad_norm", float(grad_norm), step)
                     tb.add_scalar("train/samples_per_s", window["samples"] / elapsed, step)

@@ -276,8 +276,6 @@ def test_stereo_44k_wav_is_decoded_to_mono_16k(broken_corpus):
     assert torch.allclose(audio, resample(mono, 44100, 16000), atol=1e-5)
 
 
-@pytest.mark.xfail(reason="needs fix in asr/audio.py: a truncated mp3 decodes silently to its first half "
-                          "(libsndfile drops the cut frame); detect the cut frame (mpeg_truncation)", strict=True)
 def test_truncated_mp3_is_dropped(broken_corpus, tmp_path):
     """An mp3 cut short (an interrupted download or copy) decodes to a fraction of its transcript's audio:
     it must be dropped as undecodable, not trained against the whole sentence."""
@@ -326,8 +324,6 @@ def test_missing_data_folder_fails_at_start(tmp_path):
     assert_startup_failure(proc, out, str(missing), "not found")
 
 
-@pytest.mark.xfail(reason="needs fix in asr/models.py: a model.name that is a missing local folder gets "
-                          "huggingface_hub's 'Repo id must be in the form ...' instead of 'not found'", strict=True)
 def test_missing_local_model_folder_fails_at_start(tmp_path):
     out = tmp_path / "run"
     cfg = tiny_ctc_config(out)

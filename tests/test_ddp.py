@@ -193,10 +193,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("num_workers", [
     0,
-    pytest.param(1, marks=pytest.mark.xfail(
-        reason="needs fix in asr/train.py (+ asr/evaluation.py): worker_init_fn=dist.loader_worker_init; "
-               "torchrun signals each rank's whole process group (os.killpg), the worker dies and the rank "
-               "fails with 'DataLoader worker ... is killed by signal: Terminated' before saving", strict=True)),
+    1,
 ])
 def test_stopped_and_resumed_two_rank_run_equals_uninterrupted(uninterrupted, tmp_path, num_workers):
     """Stopped by SIGTERM to torchrun, which signals each rank's process group (data-loader workers

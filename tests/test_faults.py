@@ -266,14 +266,8 @@ def test_signal_saves_current_step_and_resume_equals_uninterrupted(reference, tm
 
 
 @pytest.mark.parametrize("sig, code", [
-    pytest.param(signal.SIGINT, 130, marks=pytest.mark.xfail(
-        reason="needs fix in asr/train.py (+ asr/evaluation.py): worker_init_fn=dist.loader_worker_init; a "
-               "worker that exits on Ctrl-C can break the main process's next receive (intermittent, so not "
-               "strict)", strict=False)),
-    pytest.param(signal.SIGTERM, 143, marks=pytest.mark.xfail(
-        reason="needs fix in asr/train.py (+ asr/evaluation.py): worker_init_fn=dist.loader_worker_init; "
-               "SIGTERM to the process group kills the worker and the main process dies with 'DataLoader "
-               "worker ... is killed by signal: Terminated' and no checkpoint", strict=True)),
+    (signal.SIGINT, 130),
+    (signal.SIGTERM, 143),
 ], ids=["SIGINT", "SIGTERM"])
 def test_signal_to_the_process_group_with_loader_workers(tmp_path, sig, code):
     """Ctrl-C in a terminal (and many schedulers' SIGTERM) reaches the whole process group, data-loader
@@ -382,8 +376,6 @@ def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatc
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in results["train_loss"])
 
 
-@pytest.mark.xfail(reason="needs fix in asr/train.py: a logging window whose steps were all skipped logs "
-                          "'loss 0.0000' (0 / max(n, 1)) to train.log, TensorBoard and results.json", strict=True)
 def test_a_window_of_skipped_steps_logs_no_zero_loss(tmp_path, monkeypatch):
     """The loss of a window with no finite step is unknown, not 0 (a 0 would read as a perfect fit)."""
     from asr.train import train
@@ -523,9 +515,6 @@ def test_write_failure_while_saving_through_run_py(tmp_path):
     ckpt.load_checkpoint(out / "checkpoints" / "step-000002")
 
 
-@pytest.mark.xfail(reason="needs fix in asr/train.py: export_to catches only OSError; safetensors reports a "
-                          "failed write as SafetensorError, so a full disk at best/ or final/ is a traceback "
-                          "(use asr.checkpoint.write_folder)", strict=True)
 def test_write_failure_while_exporting_through_run_py(tmp_path):
     out = tmp_path / "run"
     cfg = fault_config(out, max_steps=2, save_every=0)
