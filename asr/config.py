@@ -422,6 +422,13 @@ def source_name(src: SourceConfig) -> str:
     return src.name or src.language or Path(src.path.rstrip("/")).name or src.kind
 
 
+def eval_set_specs(cfg: "Config") -> list[tuple[str, str, str]]:
+    """(set name, source name, split) of each evaluation set: `eval.sets`, else each source's `eval.split`."""
+    if cfg.eval.sets:
+        return [(es.name or f"{es.source}-{es.split}", es.source, es.split) for es in cfg.eval.sets]
+    return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
+
+
 def _check_regex(key: str, pattern: str) -> None:
     import re
 

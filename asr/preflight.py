@@ -25,7 +25,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from asr.config import Config
+from asr.config import Config, eval_set_specs
 from asr.data import Labeler, SplitReport, Utterance, ctc_min_frames, filter_utterances, read_source_split, source_name
 from asr.text import PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, load_vocab, normalize
 
@@ -313,6 +313,9 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
     names = [source_name(s) for s in cfg.data.sources]
     if len(set(names)) != len(names):
         errors.append(f"data.sources: names must be unique (got {', '.join(names)}); set name = \"...\"")
+    used = {(n, "train") for n, s in zip(names, cfg.data.sources) if s.train}
+    used |= {(src, split) for _, src, split in eval_set_specs(cfg)}
+    unused_missing: list[str] = []
     reads: dict[tuple[int, str], tuple[list, list]] = {}
     roles: dict[str, tuple[int, str, str]] = {}  # label -> (source index, role, expression)
     for i, (src, name) in enumerate(zip(cfg.data.sources, names)):
@@ -328,7 +331,9 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
                     reads[i, expr] = read_source_split(src, expr)
                 except Exception as e:  # DataError (missing folder or split) and anything a reader raises
                     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    errors.append(f"{label}: {msg}")
+                    # A split the run trains or evaluates on is an error; another (a default test = "test"
+                    # of a folder without one) only a warning.
+                    (errors if (name, role) in used else unused_missing).append(f"{label}: {msg}")
                     continue
             roles[label] = (i, role, expr)
 
@@ -383,7 +388,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
         if role != "train" and train_utts:
             result["overlap"][label] = _overlap(train_utts, reads[i, expr][0], cfg.preflight.examples)
 
-    result["warnings"] = _warnings(result)
+    result["warnings"] = [f"{m} (not used by this run)" for m in unused_missing] + _warnings(result)
     result["time_s"] = round(time.time() - t0, 3)
     return result
 

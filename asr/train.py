@@ -22,7 +22,7 @@ import torch
 
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, to_toml
+from asr.config import Config, eval_set_specs, to_toml
 from asr.data import (AudioDataset, DurationBatchSampler, SplitReport, Utterance, collate, filter_utterances,
                       format_report, read_source_split, source_name, write_report)
 from asr.decode import decode_tag
@@ -133,13 +133,6 @@ class Data:
     train: list[Utterance]
     eval_sets: dict[str, list[Utterance]]
     reports: dict[str, SplitReport] = field(default_factory=dict)
-
-
-def eval_set_specs(cfg: Config) -> list[tuple[str, str, str]]:
-    """(set name, source name, split) of each evaluation set: `eval.sets`, else each source's `eval.split`."""
-    if cfg.eval.sets:
-        return [(es.name or f"{es.source}-{es.split}", es.source, es.split) for es in cfg.eval.sets]
-    return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
 
 
 def read_data(cfg: Config) -> tuple[dict, dict]:
@@ -346,6 +339,9 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     dist.barrier()
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log")
+    if dist.is_main():
+        for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
+            log(f"removed partial {p}")
     (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8") if dist.is_main() else None
     seed_everything(cfg.run.seed)
     if cfg.run.deterministic:
@@ -530,18 +526,21 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                     if p.grad is not None:
                         p.grad.mul_(n_estimate / n_window)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad if tc.clip_grad > 0 else math.inf)
-            finite = math.isfinite(loss_total) and math.isfinite(float(grad_norm))
+            finite_loss = math.isfinite(loss_total)
+            finite = finite_loss and math.isfinite(float(grad_norm))
             if finite or scaler.is_enabled():
                 scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
-            bad_steps = 0 if finite else bad_steps + 1
+            # An fp16 gradient overflow with a finite loss is the scaler's business (it lowers its scale and
+            # skips the step); a non-finite loss, or a non-finite gradient without a scaler, is a bad step.
+            bad_steps = bad_steps + 1 if not finite_loss or (not finite and not scaler.is_enabled()) else 0
             if not finite:
                 skipped_steps += 1
-                log(f"step {step}: non-finite loss or gradient, update skipped ({bad_steps} in a row, "
-                    f"{skipped_steps} in this run)")
+                log(f"step {step}: non-finite {'gradient' if finite_loss else 'loss'}, update skipped "
+                    f"({bad_steps} bad in a row, {skipped_steps} skipped in this run)")
                 if tb:
                     tb.add_scalar("train/skipped_steps", skipped_steps, step)
                 if bad_steps >= tc.max_bad_steps:

@@ -370,7 +370,8 @@ def test_an_isolated_non_finite_step_is_skipped_and_counted(tmp_path, monkeypatc
     opt = {s: ckpt.load_checkpoint(ck / f"step-{s:06d}")[1] for s in (2, 3)}
     assert [st["step"] for st in opt[3]["state"].values()] == [st["step"] for st in opt[2]["state"].values()]
     log = (out / "train.log").read_text(encoding="utf-8")
-    assert "step 3: non-finite loss or gradient, update skipped (1 in a row, 1 in this run)" in log
+    what = "loss" if kind == "loss" else "gradient"
+    assert f"step 3: non-finite {what}, update skipped (1 bad in a row, 1 skipped in this run)" in log
     assert log.count("update skipped") == 1
     assert scalars(out)["train/skipped_steps"] == [(3, 1.0)]
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in results["train_loss"])
@@ -551,3 +552,20 @@ def test_write_folder_turns_library_write_errors_into_checkpoint_errors(tmp_path
     with pytest.raises(TypeError):
         ckpt.write_folder(folder, bug)
     assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_fp16_gradient_overflows_are_the_scalers_business(tmp_path, monkeypatch):
+    """With fp16 and a GradScaler, non-finite gradients with a finite loss are overflows the scaler handles
+    (it skips the step and lowers its scale): three in a row do not stop a run with max_bad_steps = 2,
+    while three non-finite losses in a row do."""
+    from asr.train import TrainingError, train
+
+    cfg = nan_config(tmp_path / "grad", register_bad_loss(monkeypatch, {3, 4, 5}, "grad"), precision="fp16")
+    results = train(cfg, fresh=True)
+    # Steps 3-5 skipped, and any early steps where the scaler's initial scale (65536) overflowed fp16.
+    assert results["steps"] == 6 and results["skipped_steps"] >= 3
+    log = (tmp_path / "grad" / "train.log").read_text(encoding="utf-8")
+    assert all(f"step {s}: non-finite gradient, update skipped (0 bad in a row" in log for s in (3, 4, 5))
+    cfg = nan_config(tmp_path / "loss", register_bad_loss(monkeypatch, {3, 4, 5}, "loss"), precision="fp16")
+    with pytest.raises(TrainingError, match="2 non-finite steps in a row at step 4"):
+        train(cfg, fresh=True)
