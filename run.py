@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from asr.checkpoint import CheckpointError
     from asr.data import DataError
     from asr.models import ModelError
-    from asr.train import TrainingError, evaluate_only, pick_device, train
+    from asr.experiment import TrainingError, pick_device
+    from asr.train import evaluate_only, train
 
     try:
         if args.check:

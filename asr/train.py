@@ -1,4 +1,4 @@
-"""The training loop: data and model set-up, then one function that trains, evaluates and saves.
+"""The training loop: one function that trains, evaluates and saves, with the few helpers it calls.
 
     python run.py --exp experiments/demo.toml
 """
@@ -7,220 +7,35 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import random
-import shutil
+import re
 import signal
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, eval_set_specs, to_toml
-from asr.data import (AudioDataset, DurationBatchSampler, SplitReport, Utterance, collate, filter_utterances,
-                      format_report, read_source_split, source_name, write_report)
+from asr.data import AudioDataset, DurationBatchSampler, Utterance, collate
 from asr.decode import decode_tag
 from asr.evaluation import evaluate, worst_rows, write_eval
+from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_for, check_decoding, export_to,
+                            pick_device, pick_precision, prepare, seed_everything, start_run)
 from asr.losses import DEFAULT_LOSS, LOSSES
-from asr.models import (Bundle, build, export, infer_family, loss_batch, model_inputs, parameter_summary,
-                        quiet_progress_bars, select_parameters, set_encoder_frozen)
-from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
+from asr.models import (loss_batch, model_inputs, parameter_summary, quiet_progress_bars, select_parameters,
+                        set_encoder_frozen)
 
-
-class TrainingError(Exception):
-    """A run that cannot go on (no data, too many bad steps); one line."""
-
-
-EXPORT_INFO = "asr_export.json"  # in best/ and final/: which step the exported weights are from
-
-
-# ---------------------------------------------------------------------------------------
-# Set-up.
-
-
-class Log:
-    """Prints and appends to train.log (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.file = open(path, "a", encoding="utf-8") if path is not None and dist.is_main() else None
-        self.progress: Progress | None = None
-
-    def __call__(self, msg: str) -> None:
-        if not dist.is_main():
-            return
-        if self.progress:
-            self.progress.clear()
-        print(msg, flush=True)
-        if self.file:
-            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
-            self.file.flush()
-
-    def close(self) -> None:
-        if self.progress:
-            self.progress.clear()
-        if self.file:
-            self.file.close()
-            self.file = None
-
-
-class Progress:
-    """One updating status line on stderr, only when stderr is a terminal (log lines carry the rest)."""
-
-    def __init__(self, total: int, stream=None):
-        self.stream = stream or sys.stderr
-        self.total = total
-        self.enabled = dist.is_main() and self.stream.isatty()
-        self.t0 = time.time()
-        self.width = 0
-
-    def update(self, step: int, first_step: int, loss: float) -> None:
-        if not self.enabled:
-            return
-        done = (step - first_step) / max(self.total - first_step, 1)
-        eta = (time.time() - self.t0) / max(step - first_step, 1) * (self.total - step)
-        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
-        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} eta {int(eta) // 60}:{int(eta) % 60:02d}"
-        self.stream.write("\r" + line.ljust(self.width))
-        self.stream.flush()
-        self.width = len(line)
-
-    def clear(self) -> None:
-        if self.enabled and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
-            self.width = 0
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError("run.device: CUDA requested but not available")
-        if dist.is_initialized() or name == "cuda":
-            return torch.device("cuda", dist.local_rank() if dist.is_initialized() else torch.cuda.current_device())
-    return torch.device(name)
-
-
-def pick_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A factory of autocast contexts for bf16/fp16, or of null contexts for fp32."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-@dataclass
-class Data:
-    train: list[Utterance]
-    eval_sets: dict[str, list[Utterance]]
-    reports: dict[str, SplitReport] = field(default_factory=dict)
-
-
-def read_data(cfg: Config) -> tuple[dict, dict]:
-    """Raw utterances and bad rows per (source name, split) for the training splits and the evaluation sets."""
-    raw, bad = {}, {}
-    sources = {source_name(s): s for s in cfg.data.sources}
-    if len(sources) != len(cfg.data.sources):
-        names = ", ".join(source_name(s) for s in cfg.data.sources)
-        raise TrainingError(f"data.sources: names must be unique (got {names}); set name = \"...\"")
-    wanted = [(name, "train") for name, s in sources.items() if s.train]
-    for set_name, src, split in eval_set_specs(cfg):
-        if not getattr(sources[src], split):
-            raise TrainingError(f"evaluation set '{set_name}': data source '{src}' has no {split} split")
-        wanted.append((src, split))
-    for key in dict.fromkeys(wanted):
-        raw[key], bad[key] = read_source_split(sources[key[0]], getattr(sources[key[0]], key[1]))
-    return raw, bad
-
-
-def build_vocab(cfg: Config, raw: dict, out_dir: Path):
-    """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts."""
-    folder = out_dir / "vocab"
-    if (folder / "vocab.json").is_file():
-        return load_vocab(folder)
-    texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
-             if split == "train" for u in us]
-    if not texts:
-        raise TrainingError("no training transcripts to build a CTC vocabulary from")
-    if cfg.data.vocab == "sentencepiece":
-        vocab = PieceVocab.build(texts, cfg.data.sp_vocab_size, cfg.data.sp_model_type)
-    else:
-        vocab = CharVocab.build(texts)
-    if dist.is_main():
-        tmp = out_dir / ".tmp-vocab"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        vocab.save(tmp)
-        ckpt.replace_dir(tmp, folder)
-    return vocab
-
-
-def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
-    """Read the sources, build the model, filter the data with the model's labels, write data_report.json."""
-    raw, bad = read_data(cfg)
-    family = infer_family(cfg.model)
-    vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
-    # Training languages first: the first is what an exported Whisper transcribes by default, not the
-    # language of an evaluation-only source (e.g. one watched for forgetting).
-    training = sorted({s.language for s in cfg.data.sources if s.train})
-    languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
-    bundle = build(cfg.model, vocab, languages)
-    labeler = bundle.labeler
-    if labeler.max_tokens and cfg.data.max_label_tokens > 0:
-        labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
-    kept, reports = {}, {}
-    for (name, split), utts in raw.items():
-        reports[f"{name}/{split}"] = SplitReport()
-        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
-    train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
-    limit = cfg.eval.max_utterances or None
-    eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
-    if dist.is_main():
-        write_report(reports, out_dir / "data_report.json")
-    log(format_report(reports))
-    return bundle, Data(train, eval_sets, reports)
-
-
-def check_decoding(cfg: Config) -> None:
-    """Read the decoding LM (decode.lm, used by CTC beam search) before any work, so a missing or malformed
-    file is one line at start-up rather than a traceback at the first evaluation."""
-    if not (cfg.decode.lm and cfg.decode.method == "beam"):
-        return
-    from asr.decode import load_lm
-    from asr.lm import ArpaError
-
-    try:
-        load_lm(cfg.decode.lm)
-    except (OSError, ArpaError) as e:
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
-        raise TrainingError(f"decode.lm: cannot read {cfg.decode.lm}: {detail}") from None
+EVAL_SCALARS = ("wer", "cer", "wer_ortho", "cer_ortho", "loss", "insertion_rate", "empty_rate", "loop_rate",
+                "compression_ratio", "high_compression_rate", "length_ratio", "wer_change_since_step0")
 
 
 def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW over all parameters (frozen ones simply get no gradient); no weight decay on biases and norm
     weights (1-D parameters); `train.lr_scale` multiplies the learning rate of matching parameters
     (the first matching pattern counts)."""
-    import re
-
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         scale = next((v for pattern, v in cfg.lr_scale.items() if re.search(pattern, name)), 1.0)
@@ -286,17 +101,6 @@ def fallback_batch(utts: list[Utterance], cfg: Config) -> dict:
     return _FALLBACK["batch"]
 
 
-def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
-    """Export a `save_pretrained` folder atomically (temporary folder, then rename); a failed write (disk
-    full), however the writing library reports it, is a one-line CheckpointError naming the folder."""
-
-    def write(tmp: Path) -> None:
-        export(bundle, tmp)
-        (tmp / EXPORT_INFO).write_text(json.dumps(info))
-
-    ckpt.write_folder(folder, write)
-
-
 class Stop:
     """Turns SIGINT/SIGTERM into a request to save and stop after the current step."""
 
@@ -322,38 +126,102 @@ class Stop:
             signal.signal(sig, old)
 
 
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer: where the run is and what it has seen."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"wer": math.inf, "cer": math.inf, "step": -1})
+    totals: dict = field(default_factory=lambda: {"samples": 0, "audio_s": 0.0, "time": 0.0})
+    baseline: dict = field(default_factory=dict)  # WER of each evaluation set at step 0 (forgetting)
+    skipped_steps: int = 0  # non-finite steps skipped in the whole run
+    sampler: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})
+
+
+def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device) -> tuple[RunState, list]:
+    """Load a checkpoint into the training objects; returns the run state and every rank's RNG states."""
+    model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device)
+    load_model_state(model, model_state, saved_names, f"checkpoint {path}")
+    try:
+        optimizer.load_state_dict(optim_state)
+    except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
+        raise TrainingError(f"checkpoint {path}: its optimizer state does not fit this run ({e}); "
+                            f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
+                            ) from None
+    scheduler.load_state_dict(trainer["scheduler"])
+    # The learning rate of the next step comes from this run's schedule (the saved one may have had another
+    # max_steps, e.g. a run extended after it finished); with an unchanged config it is the same.
+    for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * f(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+    scaler.load_state_dict(trainer["scaler"])
+    state = RunState(trainer["step"], trainer["best"], trainer["totals"], trainer.get("baseline", {}),
+                     trainer.get("skipped_steps", 0), trainer["sampler"])
+    return state, trainer["rng"]
+
+
+def evaluate_sets(bundle, data, cfg: Config, device, loss_name: str, autocast, step: int, state: RunState, out: Path,
+                  tb, log: Log) -> dict:
+    """Evaluate every set; write eval/step-N[.<set>].json, .tsv and .worst.tsv, TensorBoard scalars and
+    examples, and a log line each. Returns {set name: metrics}."""
+    results = {}
+    for k, (name, utts) in enumerate(data.eval_sets.items()):
+        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
+        if step == 0:
+            state.baseline.setdefault(name, metrics["wer"])
+        if name in state.baseline:
+            metrics["wer_change_since_step0"] = metrics["wer"] - state.baseline[name]
+        results[name] = metrics
+        if dist.is_main():
+            stem = ckpt.step_dir_name(step) + ("" if k == 0 else f".{name}")
+            worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
+            write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step}, worst)
+            for key in EVAL_SCALARS:
+                if key in metrics:
+                    tb.add_scalar(f"eval/{name}/{key}", metrics[key], step)
+            tb.add_text(f"eval/{name}/examples", "\n\n".join(
+                f"**ref:** {r}  \n**hyp:** {h}" for _, r, h in rows[: cfg.eval.examples]), step)
+        change = f" change since step 0 {metrics['wer_change_since_step0']:+.2f}" if step and name in state.baseline else ""
+        log(f"eval {name} step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
+            f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']}){change}")
+    return results
+
+
+@dataclass
+class Window:
+    """Sums over the steps since the last log line."""
+
+    loss: float = 0.0
+    n: float = 0.0
+    samples: float = 0.0
+    audio_s: float = 0.0
+    time: float = 0.0
+    steps: int = 0
+
+    def report(self, step: int, max_steps: int, lr: float, grad_norm: float, tb) -> tuple[float, str]:
+        """Write the window to TensorBoard; returns its mean loss per label (nan when every step was
+        skipped) and the log line."""
+        elapsed = max(self.time, 1e-9)
+        loss = self.loss / self.n if self.n else math.nan
+        if tb:
+            if self.n:
+                tb.add_scalar("train/loss", loss, step)
+            tb.add_scalar("train/lr", lr, step)
+            tb.add_scalar("train/grad_norm", grad_norm, step)
+            tb.add_scalar("train/samples_per_s", self.samples / elapsed, step)
+            tb.add_scalar("train/audio_s_per_s", self.audio_s / elapsed, step)
+        return loss, (f"step {step}/{max_steps} loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3f} "
+                      f"{self.samples / elapsed:.1f} samples/s {self.audio_s / elapsed:.1f} audio s/s "
+                      f"{elapsed / max(self.steps, 1):.2f} s/step")
+
+
 # ---------------------------------------------------------------------------------------
 # The loop.
 
 
 def train(cfg: Config, fresh: bool = False) -> dict:
     """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`."""
-    device = pick_device(cfg.run.device)
-    check_decoding(cfg)
-    out = Path(cfg.run.out_dir)
-    if fresh and dist.is_main() and out.exists():
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log", "preflight.json"):
-            p = out / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    dist.barrier()
-    out.mkdir(parents=True, exist_ok=True)
-    log = Log(out / "train.log")
-    if dist.is_main():
-        for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
-            log(f"removed partial {p}")
-    (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8") if dist.is_main() else None
-    seed_everything(cfg.run.seed)
-    if cfg.run.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    if cfg.preflight.enabled and dist.is_main() and not ckpt.latest_checkpoint(out / "checkpoints"):
-        from asr.preflight import format_preflight, preflight, write_preflight
-
-        report = preflight(cfg)
-        write_preflight(report, out)
-        log(format_preflight(report))
-
+    device, out, log = start_run(cfg, fresh)
     bundle, data = prepare(cfg, out, log)
     if not data.train:
         raise TrainingError(f"no training utterances left after filtering (see {out / 'data_report.json'})")
@@ -380,125 +248,73 @@ def train(cfg: Config, fresh: bool = False) -> dict:
 
     # Resume from the newest complete checkpoint (partial ones are removed first).
     ck_dir = out / "checkpoints"
-    step, best, totals = 0, {"wer": math.inf, "step": -1}, {"samples": 0, "audio_s": 0.0, "time": 0.0}
-    baseline: dict[str, float] = {}  # WER of each evaluation set at step 0, to show forgetting
-    bad_steps = skipped_steps = 0  # non-finite steps in a row / in the whole run
     if dist.is_main():
         for p in ckpt.clean_partial(ck_dir):
             log(f"removed partial checkpoint {p}")
     dist.barrier()
-    latest = ckpt.latest_checkpoint(ck_dir)
-    trainer_state = None
+    latest, state, rng = ckpt.latest_checkpoint(ck_dir), RunState(), None
     if latest is not None:
-        model_state, optim_state, trainer_state = ckpt.load_checkpoint(latest, map_location=device)
-        load_model_state(model, model_state, saved_names, f"checkpoint {latest}")
-        try:
-            optimizer.load_state_dict(optim_state)
-        except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
-            raise TrainingError(f"checkpoint {latest}: its optimizer state does not fit this run ({e}); "
-                                f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
-                                ) from None
-        scheduler.load_state_dict(trainer_state["scheduler"])
-        # The learning rate of the next step comes from this run's schedule (the saved one may have had
-        # another max_steps, e.g. a run extended after it finished); with an unchanged config it is the same.
-        for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base_lr * f(scheduler.last_epoch)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        scaler.load_state_dict(trainer_state["scaler"])
-        sampler.load_state_dict(trainer_state["sampler"])
-        step, best, totals = trainer_state["step"], trainer_state["best"], trainer_state["totals"]
-        skipped_steps = trainer_state.get("skipped_steps", 0)
-        baseline = trainer_state.get("baseline", {})
-        log(f"resumed from {latest} (step {step})")
+        state, rng = restore(latest, model, optimizer, scheduler, scaler, saved_names, device)
+        sampler.load_state_dict(state.sampler)
+        log(f"resumed from {latest} (step {state.step})")
     else:
         log(parameter_summary(model))
-    frozen = cfg.model.freeze_encoder_steps > step
+    frozen = cfg.model.freeze_encoder_steps > state.step
     if frozen:
         set_encoder_frozen(bundle, True)
     ddp = wrap(model, device)
-    if trainer_state is not None:  # last, so set-up cannot consume randomness after it
-        rng = trainer_state["rng"]
+    if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
-
-    loader = torch.utils.data.DataLoader(
+    batches = iter(torch.utils.data.DataLoader(
         AudioDataset(data.train, cfg.data.sample_rate), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
-        persistent_workers=False,
-    )
-    batches = iter(loader)
-    sampler_state = sampler.state_dict()
+    ))
 
-    def save(at_step: int) -> None:
+    def save() -> None:
         rng = dist.gather_rows([ckpt.rng_state()])  # every rank's generators, so each resumes its own stream
         if dist.is_main():
-            state = {"step": at_step, "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                     "sampler": sampler_state, "rng": rng, "best": best, "totals": totals,
-                     "skipped_steps": skipped_steps, "baseline": baseline}
-            path = ckpt.save_checkpoint(ck_dir, at_step, checkpoint_state(model, saved_names),
-                                        optimizer.state_dict(), state, to_toml(cfg))
-            ckpt.prune(ck_dir, tc.keep_last, {best["step"]})
+            trainer = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng, **asdict(state)}
+            path = ckpt.save_checkpoint(ck_dir, state.step, checkpoint_state(model, saved_names),
+                                        optimizer.state_dict(), trainer, to_toml(cfg))
+            ckpt.prune(ck_dir, tc.keep_last, {state.best["step"]})
             log(f"saved {path}")
         dist.barrier()
 
-    def run_eval(at_step: int) -> dict:
-        nonlocal best
-        results = {}
-        for k, (name, utts) in enumerate(data.eval_sets.items()):
-            metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
-            if at_step == 0:
-                baseline.setdefault(name, metrics["wer"])
-            if name in baseline:
-                metrics["wer_change_since_step0"] = metrics["wer"] - baseline[name]
-            results[name] = metrics
-            if dist.is_main():
-                stem = ckpt.step_dir_name(at_step) + ("" if k == 0 else f".{name}")
-                worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
-                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": at_step}, worst)
-                for key in EVAL_SCALARS + ("wer_change_since_step0",):
-                    if key in metrics:
-                        tb.add_scalar(f"eval/{name}/{key}", metrics[key], at_step)
-                tb.add_text(f"eval/{name}/examples", "\n\n".join(
-                    f"**ref:** {r}  \n**hyp:** {h}" for _, r, h in rows[: cfg.eval.examples]), at_step)
-            log(f"eval {name} step {at_step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
-                f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']})"
-                + (f" change since step 0 {metrics['wer_change_since_step0']:+.2f}" if at_step and name in baseline
-                   else ""))
-        new_best = False
-        if results:
-            first = next(iter(results.values()))
-            if (first["wer"], first["cer"]) < (best["wer"], best.get("cer", math.inf)):  # CER breaks WER ties
-                best, new_best = {"wer": first["wer"], "cer": first["cer"], "step": at_step}, True
-                if dist.is_main():
-                    export_to(bundle, out / "best", {"kind": "best", **best})
-                    log(f"new best wer {first['wer']:.2f} at step {at_step}")
-        return {"results": results, "new_best": new_best}
+    def run_eval() -> tuple[dict, bool]:
+        """Evaluate at this step; a new best (lowest WER on the first set, CER breaking ties) is exported."""
+        results = evaluate_sets(bundle, data, cfg, device, loss_name, autocast, state.step, state, out, tb, log)
+        first = next(iter(results.values()), None)
+        if first is None or (first["wer"], first["cer"]) >= (state.best["wer"], state.best.get("cer", math.inf)):
+            return results, False
+        state.best = {"wer": first["wer"], "cer": first["cer"], "step": state.step}
+        if dist.is_main():
+            export_to(bundle, out / "best", {"kind": "best", **state.best})
+            log(f"new best wer {first['wer']:.2f} at step {state.step}")
+        return results, True
 
     stop = Stop().install()
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
-    window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "time": 0.0, "steps": 0}
-    last_eval = None
-    loss_log = []  # (step, mean train loss per label token) at each logging step of this invocation
+    window, last_eval, loss_log = Window(), None, []  # loss_log: (step, train loss) at this invocation's log lines
     progress = log.progress = Progress(tc.max_steps)
-    first_step = step
+    first_step, bad_steps = state.step, 0  # bad_steps: non-finite steps in a row
     try:
-        if step == 0 and cfg.eval.at_start:
-            run_eval(0)  # the baseline: what fine-tuning starts from
-        while step < tc.max_steps:
-            if frozen and step >= cfg.model.freeze_encoder_steps:
+        if state.step == 0 and cfg.eval.at_start:
+            run_eval()  # the baseline: what fine-tuning starts from
+        while state.step < tc.max_steps:
+            if frozen and state.step >= cfg.model.freeze_encoder_steps:
                 set_encoder_frozen(bundle, False)
                 ddp, frozen = wrap(model, device), False
-                log(f"step {step}: encoder unfrozen")
+                log(f"step {state.step}: encoder unfrozen")
             t_step = time.time()
             # One optimizer step: grad_accum micro-batches, normalised by the count the loss function
             # returns (label tokens, frames, ...) summed over the whole window and all ranks. That count
             # is known only after the forward passes: the micro-batches are scaled by an estimate (label
             # lengths) and the gradients corrected once the window's true count is in.
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            sampler_state = micro[-1]["sampler_state"]
             for b in micro:
                 for utt_id, err in b["dropped"]:
                     log(f"dropped {utt_id}: {err}")
@@ -525,72 +341,57 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 for p in model.parameters():
                     if p.grad is not None:
                         p.grad.mul_(n_estimate / n_window)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad if tc.clip_grad > 0 else math.inf)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad or math.inf))
             finite_loss = math.isfinite(loss_total)
-            finite = finite_loss and math.isfinite(float(grad_norm))
+            finite = finite_loss and math.isfinite(grad_norm)
             if finite or scaler.is_enabled():
                 scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            step += 1
+            state.step += 1
+            state.sampler = micro[-1]["sampler_state"]
+            step = state.step
             # An fp16 gradient overflow with a finite loss is the scaler's business (it lowers its scale and
             # skips the step); a non-finite loss, or a non-finite gradient without a scaler, is a bad step.
             bad_steps = bad_steps + 1 if not finite_loss or (not finite and not scaler.is_enabled()) else 0
             if not finite:
-                skipped_steps += 1
+                state.skipped_steps += 1
                 log(f"step {step}: non-finite {'gradient' if finite_loss else 'loss'}, update skipped "
-                    f"({bad_steps} bad in a row, {skipped_steps} skipped in this run)")
+                    f"({bad_steps} bad in a row, {state.skipped_steps} skipped in this run)")
                 if tb:
-                    tb.add_scalar("train/skipped_steps", skipped_steps, step)
+                    tb.add_scalar("train/skipped_steps", state.skipped_steps, step)
                 if bad_steps >= tc.max_bad_steps:
                     raise TrainingError(f"{bad_steps} non-finite steps in a row at step {step}; stopping "
                                         f"(last good checkpoint: {ckpt.latest_checkpoint(ck_dir)})")
 
-            n_samples = sum(len(b["ids"]) for b in micro)
-            audio_s = sum(float(b["audio_lengths"].sum()) for b in micro) / cfg.data.sample_rate
-            n_samples, audio_s = dist.sum_values(n_samples, audio_s)
+            n_samples, audio_s = dist.sum_values(sum(len(b["ids"]) for b in micro),
+                                                 sum(float(b["audio_lengths"].sum()) for b in micro)
+                                                 / cfg.data.sample_rate)
             dt = time.time() - t_step
-            totals = {"samples": totals["samples"] + n_samples, "audio_s": totals["audio_s"] + audio_s,
-                      "time": totals["time"] + dt}
-            if finite:
-                window["loss"] += loss_total
-                window["n"] += n_window
-            window["samples"] += n_samples
-            window["audio_s"] += audio_s
-            window["time"] += dt
-            window["steps"] += 1
+            for key, value in (("samples", n_samples), ("audio_s", audio_s), ("time", dt)):
+                state.totals[key] += value
+                setattr(window, key, getattr(window, key) + value)
+            window.loss, window.n = window.loss + (loss_total if finite else 0.0), window.n + (n_window if finite else 0)
+            window.steps += 1
             progress.update(step, first_step, loss_total / max(n_window, 1.0))
             if step % tc.log_every == 0 or step == tc.max_steps:
-                elapsed = max(window["time"], 1e-9)
-                loss_avg = window["loss"] / window["n"] if window["n"] else math.nan  # nan: every step skipped
-                if window["n"]:
-                    loss_log.append((step, loss_avg))
-                lr = scheduler.get_last_lr()[0]
-                if tb:
-                    if window["n"]:
-                        tb.add_scalar("train/loss", loss_avg, step)
-                    tb.add_scalar("train/lr", lr, step)
-                    tb.add_scalar("train/grad_norm", float(grad_norm), step)
-                    tb.add_scalar("train/samples_per_s", window["samples"] / elapsed, step)
-                    tb.add_scalar("train/audio_s_per_s", window["audio_s"] / elapsed, step)
-                log(f"step {step}/{tc.max_steps} loss {loss_avg:.4f} lr {lr:.2e} grad_norm {float(grad_norm):.3f} "
-                    f"{window['samples'] / elapsed:.1f} samples/s {window['audio_s'] / elapsed:.1f} audio s/s "
-                    f"{elapsed / window['steps']:.2f} s/step")
-                window = {"loss": 0.0, "n": 0, "samples": 0, "audio_s": 0.0, "time": 0.0, "steps": 0}
+                loss, line = window.report(step, tc.max_steps, scheduler.get_last_lr()[0], grad_norm, tb)
+                if window.n:
+                    loss_log.append((step, loss))
+                log(line)
+                window = Window()
 
             at_end = step == tc.max_steps
             new_best = False
             if (tc.eval_every and step % tc.eval_every == 0) or at_end:
-                last_eval = run_eval(step)
-                new_best = last_eval["new_best"]
+                last_eval, new_best = run_eval()
             (stopping,) = dist.sum_values(1.0 if stop.signal else 0.0)  # all ranks stop at the same step
             if (tc.save_every and step % tc.save_every == 0) or at_end or new_best or stopping:
-                save(step)
+                save()
             if stopping:
-                code = 128 + (stop.signal or signal.SIGTERM)
                 log(f"stopped by signal {stop.signal} at step {step}; checkpoint saved")
-                raise SystemExit(code)
+                raise SystemExit(128 + (stop.signal or signal.SIGTERM))
     finally:
         stop.restore()
         progress.clear()
@@ -599,18 +400,19 @@ def train(cfg: Config, fresh: bool = False) -> dict:
             tb.flush()
 
     if last_eval is None:  # resumed at the end: evaluate once more for the results
-        last_eval = run_eval(step)
+        last_eval, _ = run_eval()
     if dist.is_main():
-        export_to(bundle, out / "final", {"kind": "final", "step": step})
+        export_to(bundle, out / "final", {"kind": "final", "step": state.step})
+    totals = state.totals
     results = {
-        "steps": step,
-        "eval": last_eval["results"],
-        "best": best,
-        "baseline_wer": baseline,
-        "skipped_steps": skipped_steps,
+        "steps": state.step,
+        "eval": last_eval,
+        "best": state.best,
+        "baseline_wer": state.baseline,
+        "skipped_steps": state.skipped_steps,
         "train_samples_per_s": totals["samples"] / max(totals["time"], 1e-9),
         "train_audio_s_per_s": totals["audio_s"] / max(totals["time"], 1e-9),
-        "train_s_per_step": totals["time"] / max(step, 1),
+        "train_s_per_step": totals["time"] / max(state.step, 1),
         "train_loss": loss_log,  # (step, loss) at the logging steps of this invocation
     }
     if dist.is_main():
@@ -619,10 +421,6 @@ def train(cfg: Config, fresh: bool = False) -> dict:
         log(f"done: {out / 'results.json'}")
     log.close()
     return results
-
-
-EVAL_SCALARS = ("wer", "cer", "wer_ortho", "cer_ortho", "loss", "insertion_rate", "empty_rate", "loop_rate",
-                "compression_ratio", "high_compression_rate", "length_ratio")
 
 
 def wrap(model: torch.nn.Module, device: torch.device):
@@ -665,7 +463,7 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
             raise TrainingError(f"--checkpoint: {path} holds neither model.pt nor config.json")
         load_model_state(bundle.model, state, partial, f"--checkpoint: {path}")
         log(f"evaluating {path} (step {step})")
-    model = bundle.model.to(device)
+    bundle.model.to(device)
     autocast = autocast_for(pick_precision(cfg.train.precision, device), device)
     loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
     tag = decode_tag(cfg.decode)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from asr.config import (Config, DataConfig, DecodeConfig, EvalConfig, ModelConfig, RunConfig, SourceConfig,
-                        TextConfig, TrainConfig, validate)
+                        TextConfig, TrainConfig, to_toml, validate)
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "cv-tr"
@@ -99,3 +101,23 @@ def final_params(model_dir_or_ckpt) -> dict:
     import torch
 
     return torch.load(Path(model_dir_or_ckpt) / "model.pt", map_location="cpu", weights_only=True)
+
+
+def write_exp(cfg, path: Path) -> Path:
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    return path
+
+
+def read_tsv(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process training on one intra-op thread: spinning OpenMP threads make a step many times slower
+    on a busy machine (the subprocesses get OMP_NUM_THREADS=1 likewise)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,21 +20,13 @@ import pytest
 import soundfile as sf
 import torch
 
-from asr.config import SourceConfig, to_toml
+from asr.config import SourceConfig
 
-from helpers import FIXTURE, REPO, needs_whisper_base, read_json, tiny_ctc_config, tiny_whisper_config
+from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
+from helpers import (FIXTURE, REPO, needs_whisper_base, read_json, tiny_ctc_config, tiny_whisper_config, write_exp)
+
 
 RUN_TIMEOUT = 180  # seconds for one run.py subprocess
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one intra-op thread: spinning OpenMP threads make a step many times slower
-    on a busy machine (the subprocesses get OMP_NUM_THREADS=1 likewise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fixture_rows(split: str) -> list[dict]:
@@ -46,11 +38,6 @@ def run_cli(exp: Path, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "run.py", "--exp", str(exp), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=RUN_TIMEOUT)
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------

@@ -329,7 +329,7 @@ def test_ctc_min_frames_counts_repeats():
     assert ctc_min_frames([1, 1, 2, 2, 2]) == 8
 
 
-def test_write_report(bad_corpus, tmp_path):
+def test_write_report_without_a_labeler(bad_corpus, tmp_path):
     src = SourceConfig(path=str(bad_corpus), language="tr")
     cfg = DataConfig(min_duration_s=0.5, max_duration_s=2.5, report_examples=1)
     reports = {"tr/train": SplitReport(), "tr/dev": SplitReport()}

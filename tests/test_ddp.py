@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.config import to_toml
 
-from helpers import REPO, final_params, read_json, tiny_ctc_config
+from helpers import (REPO, final_params, read_json, tiny_ctc_config, write_exp)
+
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -86,11 +86,6 @@ def rank_output(logs: Path) -> str:
 def rank_stdout(logs: Path, rank: int) -> str:
     """What rank `rank` printed, over every launch logged under `logs`."""
     return "".join(f.read_text() for f in sorted(logs.rglob(f"attempt_*/{rank}/stdout.log")))
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 def equivalence_config(out: Path, batch_size: int, grad_accum: int):

@@ -14,25 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.config import EvalSetConfig, SourceConfig, to_toml, validate
+from asr.config import EvalSetConfig, SourceConfig, validate
 from asr.metrics import compression_ratio, hallucination_metrics, has_loop, utterance_wer
 from asr.text import normalize
 from asr.train import train
 
-from helpers import FIXTURE, read_json, scalars, tiny_ctc_config
+from helpers import (FIXTURE, read_json, read_tsv, scalars, tiny_ctc_config, write_exp)
+
 
 HALLUCINATION_KEYS = ("insertion_rate", "empty_rate", "loop_rate", "compression_ratio", "high_compression_rate",
                       "length_ratio")
-
-
-def read_tsv(path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 def fixture_copy(folder: Path, sentences: dict[str, str] | None = None) -> Path:

@@ -20,22 +20,13 @@ import pytest
 import torch
 
 from asr import checkpoint as ckpt
-from asr.config import to_toml
 
-from helpers import REPO, final_params, read_json, scalars, tiny_ctc_config
+from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
+from helpers import (REPO, final_params, read_json, scalars, tiny_ctc_config, write_exp)
+
 
 RUN_TIMEOUT = 180  # seconds for any one run.py subprocess
 MAX_STEPS = 12
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one intra-op thread: spinning OpenMP threads make a step many times slower
-    on a busy machine (the subprocesses get OMP_NUM_THREADS=1 likewise)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def fault_config(out: Path, **train):
@@ -52,11 +43,6 @@ def fault_config(out: Path, **train):
     cfg.data.num_workers = 1
     cfg.eval.at_start = False
     return cfg
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 def env() -> dict:
@@ -558,7 +544,8 @@ def test_fp16_gradient_overflows_are_the_scalers_business(tmp_path, monkeypatch)
     """With fp16 and a GradScaler, non-finite gradients with a finite loss are overflows the scaler handles
     (it skips the step and lowers its scale): three in a row do not stop a run with max_bad_steps = 2,
     while three non-finite losses in a row do."""
-    from asr.train import TrainingError, train
+    from asr.experiment import TrainingError
+    from asr.train import train
 
     cfg = nan_config(tmp_path / "grad", register_bad_loss(monkeypatch, {3, 4, 5}, "grad"), precision="fp16")
     results = train(cfg, fresh=True)

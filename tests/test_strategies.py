@@ -6,7 +6,6 @@ on the fixture corpus, on CPU."""
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import re
 import shutil
@@ -15,25 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from asr.config import EvalSetConfig, SourceConfig, TrainConfig, to_toml, validate
+from asr.config import EvalSetConfig, SourceConfig, TrainConfig, validate
 from asr.data import AudioDataset, collate
 from asr.models import model_inputs, select_parameters
-from asr.train import EXPORT_INFO, Log, lr_lambda, make_optimizer, prepare, seed_everything, train
+from asr.experiment import EXPORT_INFO, Log, prepare, seed_everything
+from asr.train import lr_lambda, make_optimizer, train
 
-from helpers import (FIXTURE, final_params, needs_whisper_base, read_json, scalars, tiny_ctc_config,
-                     tiny_whisper_config)
+from helpers import (FIXTURE, final_params, needs_whisper_base, read_json, read_tsv, scalars, tiny_ctc_config,
+                     tiny_whisper_config, write_exp)
 
 CPU = torch.device("cpu")
-
-
-def read_tsv(path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 def initial_bundle(cfg, folder: Path, run_dir: Path | None = None):

@@ -3,19 +3,18 @@ the run layout (checkpoints, eval files, TensorBoard, results), exported folders
 
 from __future__ import annotations
 
-import csv
 import io
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
 from asr.config import to_toml
-from asr.train import EXPORT_INFO, Progress, train
+from asr.experiment import EXPORT_INFO, Progress
+from asr.train import train
 
-from helpers import FIXTURE, final_params, read_json, same_clips_config, scalars, tiny_ctc_config
+from helpers import (FIXTURE, final_params, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config, write_exp)
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +24,6 @@ def finished_run(tmp_path_factory):
     cfg = tiny_ctc_config(out, max_steps=40, eval_every=10, save_every=10, keep_last=2, log_every=10)
     results = train(cfg, fresh=True)
     return cfg, out, results
-
-
-def read_tsv(path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,11 +257,6 @@ def test_exported_ctc_folders_run_in_pipeline(tmp_path, vocab):
 
 # ---------------------------------------------------------------------------------------
 # --eval-only.
-
-
-def write_exp(cfg, path: Path) -> Path:
-    path.write_text(to_toml(cfg), encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize("which", ["latest", "best", "step"])

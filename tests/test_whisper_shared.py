@@ -220,7 +220,8 @@ def test_whisper_exported_folders_run_in_pipeline(tmp_path):
     import transformers
 
     from asr.audio import load_audio
-    from asr.train import EXPORT_INFO, train
+    from asr.experiment import EXPORT_INFO
+    from asr.train import train
 
     out = tmp_path / "run"
     cfg = tiny_whisper_config(out, max_steps=2, eval_every=1)
@@ -299,7 +300,7 @@ max_new_tokens = 24
 
 def test_data_max_label_tokens_limits_whisper_labels(tmp_path):
     """data.max_label_tokens caps the label length (prefix tokens included) below the model's own limit."""
-    from asr.train import Log, prepare
+    from asr.experiment import Log, prepare
 
     cfg = tiny_whisper_config(tmp_path)
     cfg.data.max_label_tokens = 14

@@ -95,7 +95,7 @@ def side_hf(args, work: Path) -> dict:
     from transformers import (Trainer, TrainerCallback, TrainingArguments, Wav2Vec2CTCTokenizer,
                               Wav2Vec2FeatureExtractor, Wav2Vec2Processor)
 
-    import asr.train as T
+    import asr.experiment as E
     from asr.config import load_config
     from asr.data import AudioDataset, collate
     from asr.decode import ctc_greedy
@@ -104,8 +104,8 @@ def side_hf(args, work: Path) -> dict:
 
     cfg = load_config(None, base_overrides(args, work / "setup", batch_size=args.batch))
     (work / "setup").mkdir(parents=True, exist_ok=True)
-    T.seed_everything(cfg.run.seed)
-    bundle, data = T.prepare(cfg, work / "setup", T.Log(None))  # same vocab, same initial weights as ours
+    E.seed_everything(cfg.run.seed)
+    bundle, data = E.prepare(cfg, work / "setup", E.Log(None))  # same vocab, same initial weights as ours
     model, vocab = bundle.model, bundle.vocab
     vocab.save(work)
     tokenizer = Wav2Vec2CTCTokenizer(str(work / "vocab.json"), unk_token="[UNK]", pad_token="[PAD]",

@@ -236,7 +236,10 @@ def side_ours(args, work: Path) -> dict:
             return result
         return wrapper
 
-    T.prepare, T.build, T.evaluate = timed("prepare", T.prepare), timed("build", T.build), timed("evaluate", T.evaluate)
+    import asr.experiment as E
+
+    T.prepare, T.evaluate = timed("prepare", T.prepare), timed("evaluate", T.evaluate)
+    E.build = timed("build", E.build)  # model loading, inside prepare
     import asr.preflight
 
     asr.preflight.preflight = timed("preflight", asr.preflight.preflight)

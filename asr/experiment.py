@@ -1,0 +1,250 @@
+"""Setting up a run: device and precision, the log, the run folder, data and model (`prepare`), exports.
+
+Used by the training loop (asr/train.py) and by evaluation-only runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from asr import checkpoint as ckpt
+from asr import distributed as dist
+from asr.config import Config, eval_set_specs, to_toml
+from asr.data import (SplitReport, Utterance, filter_utterances, format_report, read_source_split, source_name,
+                      write_report)
+from asr.models import Bundle, build, export, infer_family
+from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (no data, too many bad steps); one line."""
+
+
+EXPORT_INFO = "asr_export.json"  # in best/ and final/: which step the exported weights are from
+
+
+# ---------------------------------------------------------------------------------------
+# Set-up.
+
+
+class Log:
+    """Prints and appends to train.log (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", encoding="utf-8") if path is not None and dist.is_main() else None
+        self.progress: Progress | None = None
+
+    def __call__(self, msg: str) -> None:
+        if not dist.is_main():
+            return
+        if self.progress:
+            self.progress.clear()
+        print(msg, flush=True)
+        if self.file:
+            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.progress:
+            self.progress.clear()
+        if self.file:
+            self.file.close()
+            self.file = None
+
+
+class Progress:
+    """One updating status line on stderr, only when stderr is a terminal (log lines carry the rest)."""
+
+    def __init__(self, total: int, stream=None):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.enabled = dist.is_main() and self.stream.isatty()
+        self.t0 = time.time()
+        self.width = 0
+
+    def update(self, step: int, first_step: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        done = (step - first_step) / max(self.total - first_step, 1)
+        eta = (time.time() - self.t0) / max(step - first_step, 1) * (self.total - step)
+        bar = "#" * int(20 * done) + "." * (20 - int(20 * done))
+        line = f"[{bar}] step {step}/{self.total} loss {loss:.4f} eta {int(eta) // 60}:{int(eta) % 60:02d}"
+        self.stream.write("\r" + line.ljust(self.width))
+        self.stream.flush()
+        self.width = len(line)
+
+    def clear(self) -> None:
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
+            self.stream.flush()
+            self.width = 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainingError("run.device: CUDA requested but not available")
+        if dist.is_initialized() or name == "cuda":
+            return torch.device("cuda", dist.local_rank() if dist.is_initialized() else torch.cuda.current_device())
+    return torch.device(name)
+
+
+def pick_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A factory of autocast contexts for bf16/fp16, or of null contexts for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Data:
+    train: list[Utterance]
+    eval_sets: dict[str, list[Utterance]]
+    reports: dict[str, SplitReport] = field(default_factory=dict)
+
+
+def read_data(cfg: Config) -> tuple[dict, dict]:
+    """Raw utterances and bad rows per (source name, split) for the training splits and the evaluation sets."""
+    raw, bad = {}, {}
+    sources = {source_name(s): s for s in cfg.data.sources}
+    if len(sources) != len(cfg.data.sources):
+        names = ", ".join(source_name(s) for s in cfg.data.sources)
+        raise TrainingError(f"data.sources: names must be unique (got {names}); set name = \"...\"")
+    wanted = [(name, "train") for name, s in sources.items() if s.train]
+    for set_name, src, split in eval_set_specs(cfg):
+        if not getattr(sources[src], split):
+            raise TrainingError(f"evaluation set '{set_name}': data source '{src}' has no {split} split")
+        wanted.append((src, split))
+    for key in dict.fromkeys(wanted):
+        raw[key], bad[key] = read_source_split(sources[key[0]], getattr(sources[key[0]], key[1]))
+    return raw, bad
+
+
+def build_vocab(cfg: Config, raw: dict, out_dir: Path):
+    """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts."""
+    folder = out_dir / "vocab"
+    if (folder / "vocab.json").is_file():
+        return load_vocab(folder)
+    texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
+             if split == "train" for u in us]
+    if not texts:
+        raise TrainingError("no training transcripts to build a CTC vocabulary from")
+    if cfg.data.vocab == "sentencepiece":
+        vocab = PieceVocab.build(texts, cfg.data.sp_vocab_size, cfg.data.sp_model_type)
+    else:
+        vocab = CharVocab.build(texts)
+    if dist.is_main():
+        tmp = out_dir / ".tmp-vocab"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        vocab.save(tmp)
+        ckpt.replace_dir(tmp, folder)
+    return vocab
+
+
+def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
+    """Read the sources, build the model, filter the data with the model's labels, write data_report.json."""
+    raw, bad = read_data(cfg)
+    family = infer_family(cfg.model)
+    vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
+    # Training languages first: the first is what an exported Whisper transcribes by default, not the
+    # language of an evaluation-only source (e.g. one watched for forgetting).
+    training = sorted({s.language for s in cfg.data.sources if s.train})
+    languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
+    bundle = build(cfg.model, vocab, languages)
+    labeler = bundle.labeler
+    if labeler.max_tokens and cfg.data.max_label_tokens > 0:
+        labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
+    kept, reports = {}, {}
+    for (name, split), utts in raw.items():
+        reports[f"{name}/{split}"] = SplitReport()
+        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
+    train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
+    limit = cfg.eval.max_utterances or None
+    eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
+    if dist.is_main():
+        write_report(reports, out_dir / "data_report.json")
+    log(format_report(reports))
+    return bundle, Data(train, eval_sets, reports)
+
+
+def check_decoding(cfg: Config) -> None:
+    """Read the decoding LM (decode.lm, used by CTC beam search) before any work, so a missing or malformed
+    file is one line at start-up rather than a traceback at the first evaluation."""
+    if not (cfg.decode.lm and cfg.decode.method == "beam"):
+        return
+    from asr.decode import load_lm
+    from asr.lm import ArpaError
+
+    try:
+        load_lm(cfg.decode.lm)
+    except (OSError, ArpaError) as e:
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0]
+        raise TrainingError(f"decode.lm: cannot read {cfg.decode.lm}: {detail}") from None
+
+
+def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
+    """Export a `save_pretrained` folder atomically (temporary folder, then rename); a failed write (disk
+    full), however the writing library reports it, is a one-line CheckpointError naming the folder."""
+
+    def write(tmp: Path) -> None:
+        export(bundle, tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(info))
+
+    ckpt.write_folder(folder, write)
+
+
+def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
+    """The run folder (cleared of the old run's state with `fresh`, of half-written folders always), its
+    log and resolved config, seeds, and on a new run the pre-flight data checks."""
+    device = pick_device(cfg.run.device)
+    check_decoding(cfg)
+    out = Path(cfg.run.out_dir)
+    if fresh and dist.is_main() and out.exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log", "preflight.json"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    dist.barrier()
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train.log")
+    if dist.is_main():
+        for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
+            log(f"removed partial {p}")
+        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    seed_everything(cfg.run.seed)
+    if cfg.run.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    if cfg.preflight.enabled and dist.is_main() and not ckpt.latest_checkpoint(out / "checkpoints"):
+        from asr.preflight import format_preflight, preflight, write_preflight
+
+        report = preflight(cfg)
+        write_preflight(report, out)
+        log(format_preflight(report))
+    return device, out, log
