@@ -73,6 +73,9 @@ class DataConfig:
     max_label_tokens: int = 448  # Whisper's decoder limit, prefix tokens included
     batch_size: int = 16  # clips per batch at most (0: no cap)
     max_batch_s: float = 0.0  # padded seconds of audio per batch at most (0: no cap)
+    # duration: clips of similar length batched together (less padding); random: batches of any clips;
+    # auto: duration for CTC models, random for Whisper (its input is always padded to 30 s)
+    batching: str = "auto"
     num_workers: int = 1
     vocab: str = "char"  # CTC only: char | sentencepiece
     sp_model_type: str = "unigram"  # unigram | bpe
@@ -355,6 +358,7 @@ _CHOICES = {
     "model.init": ("pretrained", "scratch"),
     "model.arch": ("wav2vec2", "hubert", "wavlm"),
     "data.vocab": ("char", "sentencepiece"),
+    "data.batching": ("auto", "duration", "random"),
     "data.sp_model_type": ("unigram", "bpe"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),

@@ -510,7 +510,8 @@ def _at_least(batches: list[list[int]], n: int) -> list[list[int]]:
 
 class DurationBatchSampler:
     """Groups clips of similar duration into batches capped by clip count and padded seconds
-    (`batch_size` clips, `max_batch_s` = clips x longest clip), shuffled with a seed.
+    (`batch_size` clips, `max_batch_s` = clips x longest clip), shuffled with a seed; with
+    `by_duration=False`, batches of randomly drawn clips under the same caps.
 
     Yields, forever, epoch after epoch, this rank's share of each global batch as a list of
     (epoch, position, index) keys. With `num_replicas` ranks, the global batches are those of one
@@ -524,13 +525,14 @@ class DurationBatchSampler:
     """
 
     def __init__(self, durations: list[float], batch_size: int = 0, max_batch_s: float = 0.0, seed: int = 0,
-                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0, noise: float = 0.05):
+                 shuffle: bool = True, num_replicas: int = 1, rank: int = 0, noise: float = 0.05,
+                 by_duration: bool = True):
         if not durations:
             raise DataError("no utterances left to batch (see data_report.json)")
         self.durations = durations
         self.batch_size = batch_size * num_replicas if batch_size > 0 else 0
         self.max_batch_s = max_batch_s * num_replicas if max_batch_s > 0 else 0.0
-        self.seed, self.shuffle, self.noise = seed, shuffle, noise
+        self.seed, self.shuffle, self.noise, self.by_duration = seed, shuffle, noise, by_duration
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list] | None = None
@@ -543,9 +545,10 @@ class DurationBatchSampler:
         order = list(range(len(self.durations)))
         if self.shuffle:
             rng.shuffle(order)
-            keys = {i: self.durations[i] * (1.0 + self.noise * (2 * rng.random() - 1)) for i in order}
-            order.sort(key=keys.__getitem__)
-        else:
+            if self.by_duration:  # else: random batches (the caps still apply)
+                keys = {i: self.durations[i] * (1.0 + self.noise * (2 * rng.random() - 1)) for i in order}
+                order.sort(key=keys.__getitem__)
+        elif self.by_duration:
             order.sort(key=lambda i: self.durations[i])
         batches, current, longest = [], [], 0.0
         for i in order:

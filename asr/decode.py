@@ -54,20 +54,25 @@ def whisper_context(tokenizer, text: str, max_tokens: int = 223) -> list[int]:
 
 @torch.no_grad()
 def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "greedy", beam_size: int = 4,
-                     max_new_tokens: int = 225, prompt: str = "") -> list[str]:
+                     max_new_tokens: int = 225, prompt: str = "", encoder_outputs=None) -> list[str]:
     """Batched Whisper decoding through `generate`, started from each utterance's training prompt
     (<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>), so decoding is forced to the same
     language (or none, where model.language_map leaves it out) and task as the labels. `prompt` is
     optional previous-context text (domain vocabulary, spellings) placed before it.
 
-    Utterances whose prompts differ (several languages in one batch) are decoded in groups.
+    Utterances whose prompts differ (several languages in one batch) are decoded in groups. Given the
+    batch's `encoder_outputs` (computed already, e.g. for the evaluation loss), the encoder is not run again.
     """
     from transformers import GenerationMixin
+    from transformers.modeling_outputs import BaseModelOutput
 
     from asr.models import model_inputs
 
     model = bundle.model
-    features = model_inputs(bundle, batch, device)["input_features"]  # (B, n_mels, 3000)
+    if encoder_outputs is None:
+        features = model_inputs(bundle, batch, device)["input_features"]  # (B, n_mels, 3000)
+        encoder_outputs = model.get_encoder()(features)
+    hidden = encoder_outputs.last_hidden_state  # (B, 1500, d)
     context = whisper_context(bundle.tokenizer, prompt)
     prompts = [tuple(context + bundle.prefix_tokens(lang)) for lang in batch["languages"]]
     texts: list[str] = [""] * len(prompts)
@@ -77,12 +82,10 @@ def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "g
         gen = whisper_generation_config(model, method, beam_size, limit)
         decoder_input_ids = torch.tensor([prompt] * len(rows), dtype=torch.long, device=device)  # (b, P)
         # The base class's generate: Whisper's own would pick the prompt from language/task arguments
-        # and cannot leave the language token out. The encoder input has no padding (30 s features),
-        # so the attention mask is all ones.
+        # and cannot leave the language token out. The encoder input has no padding (30 s features).
         ids = GenerationMixin.generate(
-            model, input_features=features[rows], decoder_input_ids=decoder_input_ids,
-            attention_mask=torch.ones(len(rows), features.shape[-1], dtype=torch.long, device=device),
-            generation_config=gen)
+            model, encoder_outputs=BaseModelOutput(last_hidden_state=hidden[rows]),
+            decoder_input_ids=decoder_input_ids, generation_config=gen)
         for i, text in zip(rows, bundle.tokenizer.batch_decode(ids[:, len(prompt):], skip_special_tokens=True)):
             texts[i] = text
     return texts

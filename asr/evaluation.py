@@ -52,12 +52,17 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
         if not batch["ids"]:
             continue
         with autocast():
-            outputs = model(**model_inputs(bundle, batch, device))
-            loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
-            if bundle.family == "whisper":
+            inputs = model_inputs(bundle, batch, device)
+            if bundle.family == "whisper":  # the encoder runs once, for the loss and for decoding
+                encoded = model.get_encoder()(inputs.pop("input_features"))
+                outputs = model(encoder_outputs=encoded, **inputs)
+                loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
+                del outputs  # (B, L, V) logits: not needed while decoding
                 hyps = whisper_generate(bundle, batch, device, cfg.decode.method, cfg.decode.beam_size,
-                                        cfg.decode.max_new_tokens, cfg.decode.prompt)
+                                        cfg.decode.max_new_tokens, cfg.decode.prompt, encoder_outputs=encoded)
             else:
+                outputs = model(**inputs)
+                loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
                 hyps = ctc_decode(bundle, outputs, batch, cfg.decode)
         loss_sum += float(loss)
         loss_n += n

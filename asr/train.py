@@ -238,8 +238,10 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     loss_fn = LOSSES[loss_name]
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
+    by_duration = cfg.data.batching == "duration" or (cfg.data.batching == "auto" and bundle.family == "ctc")
     sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
-                                   seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank())
+                                   seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank(),
+                                   by_duration=by_duration)
     tb = None
     if dist.is_main():
         from torch.utils.tensorboard import SummaryWriter

@@ -542,3 +542,20 @@ def test_sampler_fewer_clips_than_ranks():
 def test_sampler_with_nothing_to_batch():
     with pytest.raises(DataError):
         DurationBatchSampler([], batch_size=4)
+
+
+def test_random_batching_mixes_durations_under_the_same_caps():
+    """by_duration=False (Whisper's default: its input is always 30 s) draws batches at random: far more
+    padding than duration buckets, every clip once per epoch, caps kept, deterministic per seed, resumable."""
+    rng = random.Random(1)
+    durations = [rng.uniform(1.0, 15.0) for _ in range(300)]
+    bucketed = DurationBatchSampler(durations, batch_size=16, seed=0)
+    mixed = DurationBatchSampler(durations, batch_size=16, seed=0, by_duration=False)
+    assert bucketed.padding_fraction() < 0.15 < mixed.padding_fraction()
+    batches = mixed.batches(0)
+    assert sorted(i for b in batches for i in b) == list(range(300)) and max(map(len, batches)) == 16
+    assert batches == DurationBatchSampler(durations, batch_size=16, seed=0, by_duration=False).batches(0)
+    assert batches != mixed.batches(1)
+    resumed = DurationBatchSampler(durations, batch_size=16, seed=0, by_duration=False)
+    resumed.load_state_dict({"epoch": 0, "position": 5})
+    assert [[i for _, _, i in b] for b in itertools.islice(iter(resumed), 3)] == batches[5:8]

@@ -319,3 +319,30 @@ def test_whisper_train_loss_is_normalised_like_eval_loss(tmp_path):
     results = train(same_clips_config(tiny_whisper_config(tmp_path / "run")), fresh=True)
     (_, train_loss), = results["train_loss"]
     assert train_loss == pytest.approx(results["eval"]["tr"]["loss"], rel=1e-4)
+
+
+@needs_whisper_base
+@pytest.mark.parametrize("family, batching, expected", [("whisper", "auto", False), ("ctc", "auto", True),
+                                                        ("whisper", "duration", True), ("ctc", "random", False)])
+def test_auto_batching_is_random_for_whisper_and_by_duration_for_ctc(tmp_path, monkeypatch, family, batching,
+                                                                     expected):
+    """Whisper pads every clip to 30 s, so duration buckets save nothing there and only make batches less
+    varied: data.batching = "auto" draws Whisper's batches at random and buckets CTC batches by duration."""
+    import asr.train
+    from helpers import tiny_ctc_config
+
+    seen = {}
+    real = asr.train.DurationBatchSampler
+
+    def spy(*args, **kwargs):
+        seen["by_duration"] = kwargs["by_duration"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(asr.train, "DurationBatchSampler", spy)
+    make = tiny_whisper_config if family == "whisper" else tiny_ctc_config
+    cfg = make(tmp_path / "run", max_steps=1)
+    cfg.data.batching = batching
+    cfg.eval.at_start = False
+    cfg.preflight.enabled = False
+    asr.train.train(cfg, fresh=True)
+    assert seen["by_duration"] is expected
