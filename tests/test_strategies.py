@@ -431,7 +431,9 @@ def test_lora_whisper_adapters_train_and_export_merges(tmp_path):
     assert len(rows) == 2
     for r in rows:
         clip = FIXTURE / "clips" / (r["id"].split("/", 1)[1] + ".mp3")
-        text = asr({"raw": load_audio(clip).numpy(), "sampling_rate": 16000}, generate_kwargs={"max_new_tokens": 5})
+        # num_beams 1: the pipeline's own default is a 5-beam search, our evaluation decodes greedily.
+        text = asr({"raw": load_audio(clip).numpy(), "sampling_rate": 16000},
+                   generate_kwargs={"max_new_tokens": 5, "num_beams": 1})
         assert text["text"].strip() == r["hypothesis"], r["id"]
 
     # --eval-only from the training checkpoint (adapters applied again) and from the merged final/.

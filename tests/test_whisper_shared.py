@@ -8,6 +8,7 @@ import csv
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -235,9 +236,12 @@ def test_whisper_exported_folders_run_in_pipeline(tmp_path):
         assert len(rows) == 2
         for r in rows:
             clip = FIXTURE / "clips" / (r["id"].split("/", 1)[1] + ".mp3")
+            # num_beams 1: the pipeline's own default is a 5-beam search, our evaluation decodes greedily.
             text = asr({"raw": load_audio(clip).numpy(), "sampling_rate": 16000},
-                       generate_kwargs={"max_new_tokens": 5})["text"]
-            assert isinstance(text, str) and text.strip()
+                       generate_kwargs={"max_new_tokens": 5, "num_beams": 1})["text"]
+            # A 2-step model may emit special tokens (<|notimestamps|>), which the pipeline prints and our
+            # decoding, like tokenizer.decode(skip_special_tokens=True), leaves out.
+            text = re.sub(r"<\|[^|]*\|>", "", text)
             assert text.strip() == r["hypothesis"], (folder, r["id"])
 
 
