@@ -26,6 +26,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = True  # deterministic algorithms (CPU runs are then bit-reproducible)
+    # glibc only: hand each freed tensor of 1 MB or more back to the OS at once. A CPU training step's
+    # allocation pattern fragments the heap, so resident memory settles well above the live peak;
+    # this keeps it at the live peak, at the price of slower steps (README, Benchmarks).
+    cpu_release_memory: bool = False
 
 
 @dataclass

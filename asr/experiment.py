@@ -219,6 +219,20 @@ def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
     ckpt.write_folder(folder, write)
 
 
+def release_freed_memory() -> bool:
+    """Set glibc's mmap threshold to a fixed 1 MB (it adapts up to 32 MB by default), so that every large
+    block gets its own mapping and goes back to the OS when freed instead of into a fragmenting heap.
+    Process-wide, for allocations from now on; False where the C library has no mallopt (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
     """The run folder (cleared of the old run's state with `fresh`, of half-written folders always), its
     log and resolved config, seeds, and on a new run the pre-flight data checks."""
@@ -237,6 +251,8 @@ def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
         for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
             log(f"removed partial {p}")
         (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    if cfg.run.cpu_release_memory and not release_freed_memory():
+        log("run.cpu_release_memory: this C library has no mallopt (glibc only); ignored")
     seed_everything(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

@@ -8,7 +8,8 @@ Runs the reference recipe (processor in `datasets.map`, the course's data collat
 subprocess (so peak memory is per side), on the same checkpoint, data, learning rate, warmup,
 batch, steps, gradient-checkpointing setting and seed. Prints a table and writes
 tests/bench/results/vs_hf.json. Ratios are reference / ours (above 1: ours is better),
-except WER, which is reported as is.
+except WER, which is reported as is. `--ours-set KEY=VALUE` (repeatable) changes this project's
+side only, e.g. `--ours-set run.cpu_release_memory=true` for its lean-memory mode.
 
 The reference decodes audio with soundfile and resamples each clip with torchaudio inside
 `.map`: datasets' own `Audio(sampling_rate=16000)` decoding needs torchcodec and a system
@@ -224,7 +225,7 @@ def side_ours(args, work: Path) -> dict:
         f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
         f"eval.split={args.eval_split}", f"eval.batch_size={args.eval_batch}",
         f"decode.max_new_tokens={args.max_new_tokens}",
-    ]
+    ] + args.ours_set
     cfg = load_config(None, overrides)
     timings: dict[str, list] = {"prepare": [], "build": [], "evaluate": [], "preflight": []}
 
@@ -305,6 +306,8 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=225)
     ap.add_argument("--workers", type=int, default=1, help="data loader workers for our side")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for this project's side only, e.g. run.cpu_release_memory=true")
     ap.add_argument("--work", default="/tmp/asr-bench-vs-hf")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "vs_hf.json"))
     ap.add_argument("--side", choices=("hf", "ours"), help=argparse.SUPPRESS)
