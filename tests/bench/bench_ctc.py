@@ -100,7 +100,6 @@ def side_hf(args, work: Path) -> dict:
     from asr.data import AudioDataset, collate
     from asr.decode import ctc_greedy
     from asr.metrics import error_rates
-    from asr.models import build
 
     cfg = load_config(None, base_overrides(args, work / "setup", batch_size=args.batch))
     (work / "setup").mkdir(parents=True, exist_ok=True)
