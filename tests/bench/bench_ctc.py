@@ -4,12 +4,12 @@
     python tests/bench/bench_ctc.py [--cv ../shared/data/synth-cv/tr] [--steps 200] [--batch 16]
 
 Both sides start from the same randomly initialised weights (same seed, same config, same
-character vocabulary), use the same optimiser settings and steps, and see about the same
-audio per step: the reference takes `--batch` clips per step; ours caps batches at
-`--batch` x the mean clip duration in padded seconds. Reports seconds per step, the padding
-fraction of input samples over the batches each side trained on, and CER on the evaluation
-split after training (both scored with this project's greedy decoder and metrics). Writes
-tests/bench/results/ctc.json.
+character vocabulary), use the same optimiser settings and steps, and take `--batch` clips
+per step (ours: duration-bucketed batches, `data.batch_size` with no seconds cap). Reports
+seconds per step, training throughput in seconds of real (unpadded) audio per second, the
+padding fraction of input samples over the batches each side trained on, and CER on the
+evaluation split after training (both scored with this project's greedy decoder and
+metrics). Writes tests/bench/results/ctc.json.
 """
 
 from __future__ import annotations
@@ -55,15 +55,8 @@ def side_ours(args, work: Path) -> dict:
 
     import asr.train as T
     from asr.config import load_config
-    from asr.data import read_source_split
 
-    src = load_config(None, base_overrides(args, work, batch_size=1)).data.sources[0]
-    utts, _ = read_source_split(src, "train")
-    from asr.audio import audio_info
-
-    mean_d = statistics.mean(audio_info(u.path)[0] for u in utts)
-    cap = args.batch * mean_d
-    cfg = load_config(None, base_overrides(args, work / "out", max_batch_s=cap, batch_size=0))
+    cfg = load_config(None, base_overrides(args, work / "out", batch_size=args.batch))
     captured = {}
     real_sampler = T.DurationBatchSampler
 
@@ -84,7 +77,7 @@ def side_ours(args, work: Path) -> dict:
     padded = sum(len(b) * max(b) for b in batches)
     m = next(iter(results["eval"].values()))
     return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
-            "mean_batch_clips": statistics.mean(len(b) for b in batches), "max_batch_s": cap, "wall_s": wall}
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real, "wall_s": wall}
 
 
 def side_hf(args, work: Path) -> dict:
@@ -186,7 +179,7 @@ def side_hf(args, work: Path) -> dict:
     real = sum(sum(b) for b in batches)
     padded = sum(len(b) * max(b) for b in batches)
     return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
-            "mean_batch_clips": statistics.mean(len(b) for b in batches), "wall_s": wall}
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real / 16000, "wall_s": wall}
 
 
 def main() -> None:
@@ -228,14 +221,18 @@ def main() -> None:
         results[side] = json.loads(res.stdout.strip().splitlines()[-1])
     for r in results.values():
         r["step_s_median"] = statistics.median(r["step_times"][2:] or r["step_times"])
+        r["audio_s_per_s"] = r["audio_s"] / sum(r["step_times"][: args.steps])
     hf, ours = results["hf"], results["ours"]
     summary = {"settings": {k: v for k, v in vars(args).items() if k != "side"}, "model": MODEL,
-               "step_s_ratio_hf_over_ours": hf["step_s_median"] / ours["step_s_median"], **results}
+               "step_s_ratio_hf_over_ours": hf["step_s_median"] / ours["step_s_median"],
+               "throughput_ratio_ours_over_hf": ours["audio_s_per_s"] / hf["audio_s_per_s"], **results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({k: v for k, v in summary.items()}, indent=1))
     print(f"{'':28s} {'Trainer':>10s} {'ours':>10s}")
     print(f"{'s/step (median)':28s} {hf['step_s_median']:10.3f} {ours['step_s_median']:10.3f}   "
           f"({summary['step_s_ratio_hf_over_ours']:.2f}x)")
+    print(f"{'train audio s per s':28s} {hf['audio_s_per_s']:10.2f} {ours['audio_s_per_s']:10.2f}   "
+          f"({summary['throughput_ratio_ours_over_hf']:.2f}x)")
     print(f"{'padding fraction':28s} {hf['padding_fraction']:10.3f} {ours['padding_fraction']:10.3f}")
     print(f"{'clips per batch (mean)':28s} {hf['mean_batch_clips']:10.1f} {ours['mean_batch_clips']:10.1f}")
     print(f"{'CER after training (%)':28s} {hf['cer']:10.2f} {ours['cer']:10.2f}")
