@@ -424,11 +424,14 @@ def read_source_split(src: SourceConfig, split_expr: str) -> tuple[list[Utteranc
 
 class AudioDataset(torch.utils.data.Dataset):
     """Decodes one utterance per item. Keys are (epoch, position, index) tuples from the
-    batch sampler, or plain indices. A clip that fails to decode yields a `dropped` record."""
+    batch sampler, or plain indices. A clip that fails to decode yields a `dropped` record.
+    With `cache`, decoded clips are kept (in each loader worker, or in the main process without
+    workers) and later epochs decode nothing."""
 
-    def __init__(self, utts: list[Utterance], sample_rate: int = 16000):
+    def __init__(self, utts: list[Utterance], sample_rate: int = 16000, cache: bool = False):
         self.utts = utts
         self.sample_rate = sample_rate
+        self.cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.utts)
@@ -437,11 +440,15 @@ class AudioDataset(torch.utils.data.Dataset):
         epoch, pos, i = key if isinstance(key, tuple) else (None, None, key)
         utt = self.utts[i]
         state = None if epoch is None else {"epoch": epoch, "position": pos + 1}
-        try:
-            audio = load_utterance_audio(utt, self.sample_rate)
-        except Exception as e:
-            return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                    "state": state}
+        audio = self.cache.get(i) if self.cache is not None else None
+        if audio is None:
+            try:
+                audio = load_utterance_audio(utt, self.sample_rate)
+            except Exception as e:
+                return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                        "state": state}
+            if self.cache is not None:
+                self.cache[i] = audio
         return {"utt": utt, "audio": audio, "error": None, "state": state}
 
 

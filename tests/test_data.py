@@ -3,6 +3,7 @@ collation, and the duration-bucketed resumable batch sampler."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import random
@@ -368,6 +369,26 @@ def test_a_corrupt_clip_is_dropped_not_fatal(tmp_path, fixture_train):
     all_bad = collate([ds[1]])
     assert all_bad["audio"].shape[0] == 0 and all_bad["ids"] == [] and len(all_bad["dropped"]) == 1
 
+
+
+def test_audio_cache_decodes_each_clip_once(fixture_train, monkeypatch):
+    """data.cache_audio: the second epoch's items come from memory, equal to the decoded ones; a clip that
+    fails to decode is dropped every time, never cached."""
+    import asr.data as D
+
+    calls = []
+    real = D.load_utterance_audio
+    monkeypatch.setattr(D, "load_utterance_audio", lambda u, sr: calls.append(u.id) or real(u, sr))
+    broken = dataclasses.replace(fixture_train[1], id="tr/broken", path=fixture_train[1].path + ".missing")
+    utts = [fixture_train[0], broken, fixture_train[2]]
+    plain, cached = AudioDataset(utts), AudioDataset(utts, cache=True)
+    first = [cached[i] for i in range(3)]
+    second = [cached[(1, k, i)] for k, i in enumerate(range(3))]
+    assert calls.count(utts[0].id) == 1 and calls.count(utts[2].id) == 1 and calls.count("tr/broken") == 2
+    for i in (0, 2):
+        assert torch.equal(first[i]["audio"], plain[i]["audio"]) and torch.equal(second[i]["audio"], plain[i]["audio"])
+    assert second[1]["audio"] is None and second[1]["error"]
+    assert second[2]["state"] == {"epoch": 1, "position": 3}
 
 def test_collate_shapes_and_padding(fixture_train):
     utts = [fixture_train[i] for i in (0, 1, 2)]

@@ -196,6 +196,17 @@ def test_stop_at_max_steps_and_resume_equals_uninterrupted(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
+
+def test_audio_cache_trains_the_same_weights(tmp_path):
+    """data.cache_audio changes where the second epoch's audio comes from, not the run: 8 steps (two epochs)
+    end with the same weights as without it."""
+    train(resume_config(tmp_path / "a", 8, "constant"), fresh=True)
+    cfg = resume_config(tmp_path / "b", 8, "constant")
+    cfg.data.cache_audio = True
+    train(cfg, fresh=True)
+    assert_same_weights(final_params(tmp_path / "a" / "checkpoints" / "step-000008"),
+                        final_params(tmp_path / "b" / "checkpoints" / "step-000008"))
+
 def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path):
     """A run killed after its step-5 checkpoint (linear decay schedule): the same command resumes it exactly."""
     cfg = resume_config(tmp_path / "a", 8, "linear")

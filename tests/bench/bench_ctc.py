@@ -9,7 +9,8 @@ per step (ours: duration-bucketed batches, `data.batch_size` with no seconds cap
 seconds per step, training throughput in seconds of real (unpadded) audio per second, the
 padding fraction of input samples over the batches each side trained on, and CER on the
 evaluation split after training (both scored with this project's greedy decoder and
-metrics). Writes tests/bench/results/ctc.json.
+metrics). `--ours-set KEY=VALUE` (repeatable) changes this project's side only. Writes
+tests/bench/results/ctc.json.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def side_ours(args, work: Path) -> dict:
     import asr.train as T
     from asr.config import load_config
 
-    cfg = load_config(None, base_overrides(args, work / "out", batch_size=args.batch))
+    cfg = load_config(None, base_overrides(args, work / "out", batch_size=args.batch) + args.ours_set)
     captured = {}
     real_sampler = T.DurationBatchSampler
 
@@ -192,6 +193,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-split", default="dev")
+    ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for this project's side only, e.g. data.cache_audio=true")
     ap.add_argument("--work", default="/tmp/asr-bench-ctc")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "ctc.json"))
     ap.add_argument("--side", choices=("hf", "ours"), help=argparse.SUPPRESS)
