@@ -381,8 +381,10 @@ def test_cpu_release_memory_hands_freed_blocks_back(tmp_path):
         pytest.skip("needs /proc (Linux)")
 
     def retained(mode: str) -> str:
+        # A bare environment: nothing of the test session's (thread or allocator settings) leaks in.
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "PYTHONPATH": str(REPO)}
         res = subprocess.run([sys.executable, "-c", _HOLES, mode], cwd=REPO, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+                             env=env, check=True)
         return res.stdout.strip()
 
     released = retained("release")
