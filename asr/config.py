@@ -399,7 +399,7 @@ def validate(cfg: Config) -> None:
                               f"(sources: {', '.join(names) or 'none'})")
         if es.split not in ("train", "dev", "test"):
             raise ConfigError(f"eval.sets.{i}.split: {es.split!r} is not one of 'train', 'dev', 'test'")
-        set_name = es.name or f"{es.source}-{es.split}"  # as asr.train.eval_set_specs names it
+        set_name = eval_set_name(es)
         if set_name in set_names:  # a second set of the same name would silently replace the first
             raise ConfigError(f"eval.sets.{i}.name: {set_name!r} names an earlier evaluation set too")
         set_names.add(set_name)
@@ -433,10 +433,22 @@ def source_name(src: SourceConfig) -> str:
     return src.name or src.language or Path(src.path.rstrip("/")).name or src.kind
 
 
+def duplicate_source_names(cfg: "Config") -> str | None:
+    """The one-line error for data sources that share a name (files and logs are keyed by it), or None."""
+    names = [source_name(s) for s in cfg.data.sources]
+    if len(set(names)) == len(names):
+        return None
+    return f"data.sources: names must be unique (got {', '.join(names)}); set name = \"...\""
+
+
+def eval_set_name(es: EvalSetConfig) -> str:
+    return es.name or f"{es.source}-{es.split}"
+
+
 def eval_set_specs(cfg: "Config") -> list[tuple[str, str, str]]:
     """(set name, source name, split) of each evaluation set: `eval.sets`, else each source's `eval.split`."""
     if cfg.eval.sets:
-        return [(es.name or f"{es.source}-{es.split}", es.source, es.split) for es in cfg.eval.sets]
+        return [(eval_set_name(es), es.source, es.split) for es in cfg.eval.sets]
     return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
 
 

@@ -19,7 +19,7 @@ import torch
 
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, eval_set_specs, to_toml
+from asr.config import Config, duplicate_source_names, eval_set_specs, to_toml
 from asr.data import (SplitReport, Utterance, filter_utterances, format_report, read_source_split, source_name,
                       write_report)
 from asr.models import Bundle, build, export, infer_family
@@ -131,10 +131,9 @@ class Data:
 def read_data(cfg: Config) -> tuple[dict, dict]:
     """Raw utterances and bad rows per (source name, split) for the training splits and the evaluation sets."""
     raw, bad = {}, {}
+    if duplicate := duplicate_source_names(cfg):
+        raise TrainingError(duplicate)
     sources = {source_name(s): s for s in cfg.data.sources}
-    if len(sources) != len(cfg.data.sources):
-        names = ", ".join(source_name(s) for s in cfg.data.sources)
-        raise TrainingError(f"data.sources: names must be unique (got {names}); set name = \"...\"")
     wanted = [(name, "train") for name, s in sources.items() if s.train]
     for set_name, src, split in eval_set_specs(cfg):
         if not getattr(sources[src], split):

@@ -25,7 +25,7 @@ import unicodedata
 from collections import Counter
 from pathlib import Path
 
-from asr.config import Config, eval_set_specs
+from asr.config import Config, duplicate_source_names, eval_set_specs
 from asr.data import Labeler, SplitReport, Utterance, ctc_min_frames, filter_utterances, read_source_split, source_name
 from asr.text import PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, load_vocab, normalize
 
@@ -311,8 +311,8 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
 
     # Read each distinct (source, expression) once.
     names = [source_name(s) for s in cfg.data.sources]
-    if len(set(names)) != len(names):
-        errors.append(f"data.sources: names must be unique (got {', '.join(names)}); set name = \"...\"")
+    if duplicate := duplicate_source_names(cfg):
+        errors.append(duplicate)
     used = {(n, "train") for n, s in zip(names, cfg.data.sources) if s.train}
     used |= {(src, split) for _, src, split in eval_set_specs(cfg)}
     unused_missing: list[str] = []

@@ -268,8 +268,8 @@ def train(cfg: Config, fresh: bool = False) -> dict:
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
     batches = iter(torch.utils.data.DataLoader(
-        AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio), batch_sampler=sampler, collate_fn=collate,
-        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+        AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio), batch_sampler=sampler,
+        collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
     ))

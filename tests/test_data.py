@@ -370,7 +370,6 @@ def test_a_corrupt_clip_is_dropped_not_fatal(tmp_path, fixture_train):
     assert all_bad["audio"].shape[0] == 0 and all_bad["ids"] == [] and len(all_bad["dropped"]) == 1
 
 
-
 def test_audio_cache_decodes_each_clip_once(fixture_train, monkeypatch):
     """data.cache_audio: the second epoch's items come from memory, equal to the decoded ones; a clip that
     fails to decode is dropped every time, never cached."""
@@ -389,6 +388,7 @@ def test_audio_cache_decodes_each_clip_once(fixture_train, monkeypatch):
         assert torch.equal(first[i]["audio"], plain[i]["audio"]) and torch.equal(second[i]["audio"], plain[i]["audio"])
     assert second[1]["audio"] is None and second[1]["error"]
     assert second[2]["state"] == {"epoch": 1, "position": 3}
+
 
 def test_collate_shapes_and_padding(fixture_train):
     utts = [fixture_train[i] for i in (0, 1, 2)]

@@ -109,6 +109,19 @@ def test_clean_corpus_has_no_findings(tmp_path):
 # Each check on a corpus built to trigger it.
 
 
+def test_sources_sharing_a_name_are_one_error_in_preflight_and_in_training(tmp_path):
+    """Two sources named by the same language (files and logs are keyed by the name): pre-flight lists the
+    error, and a run that skips pre-flight stops on the same line before reading any data."""
+    from asr.experiment import TrainingError, read_data
+
+    folder = write_corpus(tmp_path / "cv", base_rows())
+    cfg = ctc_config(tmp_path / "run", cv(folder), cv(folder))
+    line = 'data.sources: names must be unique (got tr, tr); set name = "..."'
+    assert line in preflight(cfg)["errors"]
+    with pytest.raises(TrainingError) as e:
+        read_data(cfg)
+    assert str(e.value) == line
+
 def test_overlapping_sentence_between_train_and_dev(tmp_path):
     rows = base_rows()
     train_sentence = rows["train"][3][1]

@@ -18,7 +18,8 @@ from asr.config import to_toml
 from asr.experiment import EXPORT_INFO, Progress
 from asr.train import train
 
-from helpers import (FIXTURE, REPO, final_params, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config, write_exp)
+from helpers import (FIXTURE, REPO, final_params, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
+                     write_exp)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,6 @@ def test_stop_at_max_steps_and_resume_equals_uninterrupted(tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-
 def test_audio_cache_trains_the_same_weights(tmp_path):
     """data.cache_audio changes where the second epoch's audio comes from, not the run: 8 steps (two epochs)
     end with the same weights as without it."""
@@ -206,6 +206,7 @@ def test_audio_cache_trains_the_same_weights(tmp_path):
     train(cfg, fresh=True)
     assert_same_weights(final_params(tmp_path / "a" / "checkpoints" / "step-000008"),
                         final_params(tmp_path / "b" / "checkpoints" / "step-000008"))
+
 
 def test_resume_from_mid_run_checkpoint_equals_uninterrupted(tmp_path):
     """A run killed after its step-5 checkpoint (linear decay schedule): the same command resumes it exactly."""
@@ -374,7 +375,7 @@ print(rss_mb() - base)
 """
 
 
-def test_cpu_release_memory_hands_freed_blocks_back(tmp_path):
+def test_cpu_release_memory_hands_freed_blocks_back():
     """run.cpu_release_memory: with glibc's default adaptive threshold, 300 MB of freed 2 MB tensors between
     live small ones stay resident; with release_freed_memory() they go back to the OS."""
     if not Path("/proc/self/status").exists():

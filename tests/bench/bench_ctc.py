@@ -38,13 +38,13 @@ def model_overrides() -> list[str]:
             "model.freeze_feature_encoder=false", "model.mask_time_prob=0.0"]
 
 
-def base_overrides(args, out_dir: Path, max_batch_s: float = 0.0, batch_size: int = 0) -> list[str]:
+def base_overrides(args, out_dir: Path) -> list[str]:
     return [
         f"run.out_dir={out_dir}", f"run.seed={args.seed}",
         f"data.sources=[{{kind = \"common_voice\", path = \"{args.cv}\", language = \"tr\", train = \"train\", "
         f"dev = \"dev\", test = \"test\"}}]",
         "data.text.lowercase=true", "data.text.chars_to_ignore=\",?.!;:\\\"“”‘’%-\"",
-        f"data.batch_size={batch_size}", f"data.max_batch_s={max_batch_s}", "data.num_workers=1",
+        f"data.batch_size={args.batch}", "data.max_batch_s=0", "data.num_workers=1",
         f"train.max_steps={args.steps}", f"train.lr={args.lr}", f"train.warmup_steps={args.warmup}",
         "train.schedule=linear", "train.log_every=1", "train.eval_every=0", f"train.save_every={args.steps}",
         "train.keep_last=1", "train.clip_grad=1.0", f"eval.split={args.eval_split}", "eval.batch_size=16",
@@ -57,7 +57,7 @@ def side_ours(args, work: Path) -> dict:
     import asr.train as T
     from asr.config import load_config
 
-    cfg = load_config(None, base_overrides(args, work / "out", batch_size=args.batch) + args.ours_set)
+    cfg = load_config(None, base_overrides(args, work / "out") + args.ours_set)
     captured = {}
     real_sampler = T.DurationBatchSampler
 
@@ -95,7 +95,7 @@ def side_hf(args, work: Path) -> dict:
     from asr.decode import ctc_greedy
     from asr.metrics import error_rates
 
-    cfg = load_config(None, base_overrides(args, work / "setup", batch_size=args.batch))
+    cfg = load_config(None, base_overrides(args, work / "setup"))
     (work / "setup").mkdir(parents=True, exist_ok=True)
     E.seed_everything(cfg.run.seed)
     bundle, data = E.prepare(cfg, work / "setup", E.Log(None))  # same vocab, same initial weights as ours
