@@ -38,7 +38,9 @@ def quiet_libraries():
     return restore
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, restart: bool = False) -> int:
+    """The command line; with `restart` (as a script) it may first restart itself with another C allocator
+    preloaded (run.allocator, asr/allocator.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--exp", required=True, help="experiment TOML file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -61,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_toml(cfg))
         return 0
+    if restart and not args.check:
+        from asr.allocator import AllocatorError, preload_env, restart_with
+
+        try:
+            env = preload_env(cfg.run.allocator, cfg.run.device)
+        except AllocatorError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if env is not None:
+            restart_with(env)  # the same command, with TBB's malloc; nothing has been read or written yet
 
     restore_libraries = quiet_libraries()
     from asr import distributed as dist
@@ -94,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(restart=True))

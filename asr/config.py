@@ -26,10 +26,12 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = True  # deterministic algorithms (CPU runs are then bit-reproducible)
-    # glibc only: hand each freed tensor of 1 MB or more back to the OS at once. A CPU training step's
-    # allocation pattern fragments the heap, so resident memory settles well above the live peak;
-    # this keeps it at the live peak, at the price of slower steps (README, Benchmarks).
-    cpu_release_memory: bool = False
+    # The C allocator behind CPU tensors (asr/allocator.py). auto: oneTBB's scalable allocator on CPU runs
+    # where the tbb wheel is installed (run.py restarts itself once with it preloaded), else the system's;
+    # tbb: the same, an error without the wheel; system: glibc's malloc, whose heap fragments (resident
+    # memory about twice the live peak); release: glibc handing every freed block of 1 MB or more back to
+    # the OS (memory at the live peak, slower steps).
+    allocator: str = "auto"
 
 
 @dataclass
@@ -361,6 +363,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 _CHOICES = {
+    "run.allocator": ("auto", "tbb", "system", "release"),
     "model.family": ("", "whisper", "ctc"),
     "model.init": ("pretrained", "scratch"),
     "model.arch": ("wav2vec2", "hubert", "wavlm"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, duplicate_source_names, eval_set_specs, to_toml
@@ -218,18 +219,14 @@ def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
     ckpt.write_folder(folder, write)
 
 
-def release_freed_memory() -> bool:
-    """Set glibc's mmap threshold to a fixed 1 MB (it adapts up to 32 MB by default), so that every large
-    block gets its own mapping and goes back to the OS when freed instead of into a fragmenting heap.
-    Process-wide, for allocations from now on; False where the C library has no mallopt (not glibc)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 20))  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
+def use_allocator(cfg: Config, device: torch.device, log: Log) -> None:
+    """Apply run.allocator to this process; log what a CPU run's tensors are allocated with."""
+    running = allocator.configure(cfg.run.allocator)
+    if device.type == "cpu":
+        asked = cfg.run.allocator
+        note = "" if running == asked or asked == "auto" else f" (run.allocator = {asked!r} is not in effect here: " \
+            + ("run.py preloads it" if asked == "tbb" else "glibc only" if asked == "release" else "preloaded") + ")"
+        log(f"CPU allocator: {running}{note}")
 
 
 def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
@@ -250,8 +247,7 @@ def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
         for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
             log(f"removed partial {p}")
         (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
-    if cfg.run.cpu_release_memory and not release_freed_memory():
-        log("run.cpu_release_memory: this C library has no mallopt (glibc only); ignored")
+    use_allocator(cfg, device, log)
     seed_everything(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)

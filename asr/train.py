@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, eval_set_specs, to_toml
@@ -23,7 +24,7 @@ from asr.data import AudioDataset, DurationBatchSampler, Utterance, collate
 from asr.decode import decode_tag
 from asr.evaluation import evaluate, worst_rows, write_eval
 from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_for, check_decoding, export_to,
-                            pick_device, pick_precision, prepare, seed_everything, start_run)
+                            pick_device, pick_precision, prepare, seed_everything, start_run, use_allocator)
 from asr.losses import DEFAULT_LOSS, LOSSES
 from asr.models import (loss_batch, model_inputs, parameter_summary, quiet_progress_bars, select_parameters,
                         set_encoder_frozen)
@@ -286,7 +287,9 @@ def train(cfg: Config, fresh: bool = False) -> dict:
 
     def run_eval() -> tuple[dict, bool]:
         """Evaluate at this step; a new best (lowest WER on the first set, CER breaking ties) is exported."""
+        allocator.release_cached()  # evaluation's buffers differ in size from training's: neither keeps the other's
         results = evaluate_sets(bundle, data, cfg, device, loss_name, autocast, state.step, state, out, tb, log)
+        allocator.release_cached()
         first = next(iter(results.values()), None)
         if first is None or (first["wer"], first["cer"]) >= (state.best["wer"], state.best.get("cer", math.inf)):
             return results, False
@@ -443,6 +446,7 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "train.log")
+    use_allocator(cfg, device, log)
     seed_everything(cfg.run.seed)
     bundle, data = prepare(cfg, out, log)
     path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(out / "checkpoints")

@@ -4,12 +4,8 @@ the run layout (checkpoints, eval files, TensorBoard, results), exported folders
 from __future__ import annotations
 
 import io
-import os
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ from asr.config import to_toml
 from asr.experiment import EXPORT_INFO, Progress
 from asr.train import train
 
-from helpers import (FIXTURE, REPO, final_params, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
+from helpers import (FIXTURE, final_params, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
                      write_exp)
 
 
@@ -355,41 +351,3 @@ def test_eval_only_with_a_checkpoint_of_another_model_fails_cleanly(finished_run
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --checkpoint:") and "\n" not in err
 
-
-_HOLES = """
-import sys, torch
-from asr.experiment import release_freed_memory
-def rss_mb():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) / 1024
-if sys.argv[1] == "release" and not release_freed_memory():
-    print("no-mallopt"); raise SystemExit
-x = torch.ones(2 ** 22)  # a freed 16 MB block: glibc's adaptive threshold rises, 2 MB blocks go to the heap
-del x
-base = rss_mb()
-big, small = [], []
-for _ in range(150):  # 2 MB blocks with small live ones between them: holes the heap top cannot trim
-    big.append(torch.ones(2 ** 19))
-    small.append(torch.ones(64))
-del big
-print(rss_mb() - base)
-"""
-
-
-def test_cpu_release_memory_hands_freed_blocks_back():
-    """run.cpu_release_memory: with glibc's default adaptive threshold, 300 MB of freed 2 MB tensors between
-    live small ones stay resident; with release_freed_memory() they go back to the OS."""
-    if not Path("/proc/self/status").exists():
-        pytest.skip("needs /proc (Linux)")
-
-    def retained(mode: str) -> str:
-        # A bare environment: nothing of the test session's (thread or allocator settings) leaks in.
-        env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", ""), "PYTHONPATH": str(REPO)}
-        res = subprocess.run([sys.executable, "-c", _HOLES, mode], cwd=REPO, capture_output=True, text=True,
-                             env=env, check=True)
-        return res.stdout.strip()
-
-    released = retained("release")
-    if released == "no-mallopt":
-        pytest.skip("the C library has no mallopt (not glibc)")
-    assert float(released) < 30
-    assert float(retained("default")) > 250  # the fragmentation the option exists for

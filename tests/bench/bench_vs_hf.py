@@ -9,7 +9,7 @@ subprocess (so peak memory is per side), on the same checkpoint, data, learning 
 batch, steps, gradient-checkpointing setting and seed. Prints a table and writes
 tests/bench/results/vs_hf.json. Ratios are reference / ours (above 1: ours is better),
 except WER, which is reported as is. `--ours-set KEY=VALUE` (repeatable) changes this project's
-side only, e.g. `--ours-set run.cpu_release_memory=true` for its lean-memory mode.
+side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of oneTBB's.
 
 The reference decodes audio with soundfile and resamples each clip with torchaudio inside
 `.map`: datasets' own `Audio(sampling_rate=16000)` decoding needs torchcodec and a system
@@ -68,15 +68,19 @@ def whisper_train_flops_per_sample(config, label_tokens: float) -> float:
     return 3 * 2 * macs
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> float:
+def matmul_flops_per_s(n: int = 3072, repeats: int = 3, rounds: int = 5) -> float:
+    """The machine's fp32 matmul rate: the best of several timed rounds (the first call warms the threads up)."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    t = time.perf_counter()
-    for _ in range(repeats):
-        torch.mm(a, b)
-    return 2 * n**3 * repeats / (time.perf_counter() - t)
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
+    return best
 
 
 # ---------------------------------------------------------------------------------------
@@ -206,14 +210,10 @@ def side_hf(args, work: Path) -> dict:
 # This project.
 
 
-def side_ours(args, work: Path) -> dict:
-    """One `asr.train.train` call, as `python run.py` runs it: step-0 evaluation (before), training,
-    evaluation at the end (after), checkpoint and export included."""
-    import asr.train as T
+def ours_config(args, out_dir: Path):
     from asr.config import load_config
 
-    out_dir = work / "ours_out"
-    overrides = [
+    return load_config(None, [
         f"run.out_dir={out_dir}", f"run.seed={args.seed}", f"model.name={args.model}",
         f"data.sources=[{{kind = \"common_voice\", path = \"{args.cv}\", language = \"{args.lang}\", "
         f"train = \"train\", dev = \"dev\", test = \"test\"}}]",
@@ -224,8 +224,16 @@ def side_ours(args, work: Path) -> dict:
         f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
         f"eval.split={args.eval_split}", f"eval.batch_size={args.eval_batch}",
         f"decode.max_new_tokens={args.max_new_tokens}",
-    ] + args.ours_set
-    cfg = load_config(None, overrides)
+    ] + args.ours_set)
+
+
+def side_ours(args, work: Path) -> dict:
+    """One `asr.train.train` call, as `python run.py` runs it (with the C allocator run.py would preload):
+    step-0 evaluation (before), training, evaluation at the end (after), checkpoint and export included."""
+    import asr.train as T
+
+    out_dir = work / "ours_out"
+    cfg = ours_config(args, out_dir)
     timings: dict[str, list] = {"prepare": [], "build": [], "evaluate": [], "preflight": []}
 
     def timed(name, fn):
@@ -259,6 +267,9 @@ def side_ours(args, work: Path) -> dict:
     out["wer_before"], out["wer_ortho_before"] = before["wer"], before["wer_ortho"]
     out["wer_after"], out["wer_ortho_after"] = after["wer"], after["wer_ortho"]
     out["n_train"] = sum(1 for _ in open(Path(args.cv) / "train.tsv", encoding="utf-8")) - 1
+    from asr.allocator import tbb_active
+
+    out["allocator"] = "tbb" if tbb_active() else cfg.run.allocator
     return out
 
 
@@ -281,7 +292,13 @@ def subset_corpus(args, work: Path) -> str:
 
 def run_side(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--side", side] + sys.argv[1:] + ["--cv", args.cv]  # the last --cv wins
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = None
+    if side == "ours":  # what run.py does before training: preload the allocator run.allocator names
+        from asr.allocator import preload_env
+
+        cfg = ours_config(args, Path(args.work))
+        env = preload_env(cfg.run.allocator, cfg.run.device)
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-4000:] + res.stderr[-8000:])
         raise SystemExit(f"{side} side failed (exit {res.returncode})")
@@ -306,7 +323,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=225)
     ap.add_argument("--workers", type=int, default=1, help="data loader workers for our side")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
-                    help="a config override for this project's side only, e.g. run.cpu_release_memory=true")
+                    help="a config override for this project's side only, e.g. run.allocator=system")
     ap.add_argument("--work", default="/tmp/asr-bench-vs-hf")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "vs_hf.json"))
     ap.add_argument("--side", choices=("hf", "ours"), help=argparse.SUPPRESS)
