@@ -77,8 +77,11 @@ def side_ours(args, work: Path) -> dict:
     real = sum(sum(b) for b in batches)
     padded = sum(len(b) * max(b) for b in batches)
     m = next(iter(results["eval"].values()))
+    from asr.allocator import tbb_active
+
     return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
-            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real, "wall_s": wall}
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real, "wall_s": wall,
+            "allocator": "tbb" if tbb_active() else cfg.run.allocator}
 
 
 def side_hf(args, work: Path) -> dict:
@@ -214,10 +217,16 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from asr.allocator import preload_env
+    from asr.config import load_config
+
+    ours_cfg = load_config(None, base_overrides(args, Path(args.work)) + args.ours_set)
     results = {}
     for side in ("hf", "ours"):
+        # Ours as run.py runs it: with the C allocator run.py preloads (run.allocator).
+        env = preload_env(ours_cfg.run.allocator, ours_cfg.run.device) if side == "ours" else None
         res = subprocess.run([sys.executable, __file__, "--side", side] + sys.argv[1:], cwd=ROOT,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=env)
         if res.returncode != 0:
             sys.stderr.write(res.stdout[-4000:] + res.stderr[-8000:])
             raise SystemExit(f"{side} side failed")
