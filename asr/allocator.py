@@ -19,7 +19,6 @@ import os
 import sys
 from pathlib import Path
 
-CHOICES = ("auto", "tbb", "system", "release")
 _PROXY, _TBBMALLOC = "libtbbmalloc_proxy.so.2", "libtbbmalloc.so.2"
 _HUGE_THRESHOLD = 1 << 20  # blocks of 1 MB or more stay cached for reuse (TBB frees them only when told)
 _TBB_SET_HUGE_SIZE_THRESHOLD, _TBB_CLEAN_ALL_BUFFERS = 2, 0  # scalable_allocator.h

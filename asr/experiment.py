@@ -222,11 +222,11 @@ def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
 def use_allocator(cfg: Config, device: torch.device, log: Log) -> None:
     """Apply run.allocator to this process; log what a CPU run's tensors are allocated with."""
     running = allocator.configure(cfg.run.allocator)
+    asked = cfg.run.allocator
     if device.type == "cpu":
-        asked = cfg.run.allocator
-        note = "" if running == asked or asked == "auto" else f" (run.allocator = {asked!r} is not in effect here: " \
-            + ("run.py preloads it" if asked == "tbb" else "glibc only" if asked == "release" else "preloaded") + ")"
-        log(f"CPU allocator: {running}{note}")
+        why = {"tbb": "only run.py preloads it", "release": "glibc only", "system": "TBB's is preloaded"}
+        log(f"CPU allocator: {running}" + ("" if running == asked or asked == "auto" else
+                                           f" (run.allocator = {asked!r} is not in effect: {why[asked]})"))
 
 
 def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:

@@ -70,6 +70,21 @@ def test_without_the_wheel_auto_stays_and_tbb_is_a_one_line_error(monkeypatch, t
     assert not (tmp_path / "run").exists()  # stopped before anything was written
 
 
+def test_a_cpu_run_logs_the_allocator_it_runs_on(tmp_path):
+    from asr.experiment import use_allocator
+
+    if allocator.tbb_active():
+        pytest.skip("this test session itself runs on TBB's allocator")
+    cfg, lines = tiny_ctc_config(tmp_path), []
+    for choice in ("system", "auto", "tbb"):
+        cfg.run.allocator = choice
+        use_allocator(cfg, torch.device("cpu"), lines.append)
+    assert lines == ["CPU allocator: system", "CPU allocator: system",
+                     "CPU allocator: system (run.allocator = 'tbb' is not in effect: only run.py preloads it)"]
+    use_allocator(cfg, torch.device("meta"), lines.append)  # not a CPU run: nothing to say
+    assert len(lines) == 3
+
+
 @needs_tbb
 def test_run_py_restarts_on_tbb_and_trains_the_same_weights(tmp_path):
     """`python run.py` restarts itself with TBB's malloc preloaded (its loader worker forked from it) and ends
