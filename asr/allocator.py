@@ -22,6 +22,8 @@ from pathlib import Path
 _PROXY, _TBBMALLOC = "libtbbmalloc_proxy.so.2", "libtbbmalloc.so.2"
 _HUGE_THRESHOLD = 1 << 20  # blocks of 1 MB or more stay cached for reuse (TBB frees them only when told)
 _TBB_SET_HUGE_SIZE_THRESHOLD, _TBB_CLEAN_ALL_BUFFERS = 2, 0  # scalable_allocator.h
+_GROWTH = 1.25  # limit_cache: resident memory may grow this much over a step's after a release
+_cache = {"limit": None}  # resident bytes above which limit_cache releases the kept blocks
 
 
 class AllocatorError(Exception):
@@ -102,6 +104,26 @@ def release_cached() -> None:
     e.g. before and after an evaluation); nothing to do on other allocators."""
     if tbb_active():
         _tbbmalloc().scalable_allocation_command(_TBB_CLEAN_ALL_BUFFERS, None)
+        _cache["limit"] = None
+
+
+def limit_cache() -> None:
+    """Once per training step: bound what TBB keeps. Blocks are kept per size class, so where shapes
+    change from step to step (CTC batches of other durations, Whisper label lengths) the kept blocks
+    of sizes no longer asked for pile up. The first step after a release sets the limit (its resident
+    memory, x1.25); a step that ends above it releases everything kept, and the next step sets it anew."""
+    if not tbb_active():
+        return
+    rss = resident_bytes()
+    if _cache["limit"] is None:
+        _cache["limit"] = rss * _GROWTH
+    elif rss > _cache["limit"]:
+        release_cached()
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _tbbmalloc():

@@ -353,6 +353,7 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                 scaler.step(optimizer)  # with fp16 the scaler itself skips non-finite steps
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
+            allocator.limit_cache()
             scheduler.step()
             state.step += 1
             state.sampler = micro[-1]["sampler_state"]

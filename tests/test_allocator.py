@@ -174,3 +174,39 @@ def test_release_mode_hands_freed_blocks_back():
         pytest.skip("the C library has no mallopt (not glibc)")
     assert float(released) < 30
     assert float(retained("system")) > 250  # the fragmentation the option exists for
+
+
+_PILE_UP = """
+import sys, torch
+from asr import allocator
+print(allocator.configure("auto"))
+x = torch.ones(1 << 20); del x
+base = highest = allocator.resident_bytes() / 2 ** 20
+for i in range(1, 31):  # each step a block of another size class (batches of other shapes): none is reused
+    x = torch.ones(int((1 << 20) * 1.1 ** i)); del x  # 4.4 .. 70 MB
+    highest = max(highest, allocator.resident_bytes() / 2 ** 20)
+    if sys.argv[1] == "limit":
+        allocator.limit_cache()
+print(base, highest)
+"""
+
+
+@needs_tbb
+@needs_proc
+def test_limit_cache_bounds_the_blocks_kept_when_shapes_change_every_step():
+    """TBB keeps every freed large block for a request of its size class; when each step asks for other
+    sizes they pile up (30 steps of 4.4..70 MB: ~650 MB kept). limit_cache, called once per step, hands them
+    back once resident memory passes 1.25x that of the first step after the last release."""
+    env = bare_env(LD_PRELOAD=preload_env("auto", "cpu")["LD_PRELOAD"])
+
+    def run(mode: str) -> tuple[float, float]:
+        res = subprocess.run([sys.executable, "-c", _PILE_UP, mode], cwd=REPO, capture_output=True, text=True,
+                             env=env, check=True)
+        running, base, highest = res.stdout.split()
+        assert running == "tbb"
+        return float(base), float(highest)
+
+    base, highest = run("keep")
+    assert highest - base > 500  # the pile-up limit_cache exists for
+    base, highest = run("limit")
+    assert highest < (base + 5) * 1.25 + 70  # 1.25x the first limited step, plus one step's block
