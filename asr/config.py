@@ -30,7 +30,8 @@ class RunConfig:
     # where the tbb wheel is installed (run.py restarts itself once with it preloaded), else the system's;
     # tbb: the same, an error without the wheel; system: glibc's malloc, whose heap fragments (resident
     # memory about twice the live peak); release: glibc handing every freed block of 1 MB or more back to
-    # the OS (memory at the live peak, slower steps).
+    # the OS (memory at the live peak, slower steps). On TBB the loop bounds the kept blocks once per step
+    # (allocator.limit_cache).
     allocator: str = "auto"
 
 
