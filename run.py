@@ -85,10 +85,17 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
 
     try:
         if args.check:
+            from pathlib import Path
+
+            from asr.experiment import lock_run_dir, unlock_run_dir
             from asr.preflight import format_preflight, preflight, write_preflight
 
-            result = preflight(cfg)
-            write_preflight(result, cfg.run.out_dir)
+            lock_run_dir(Path(cfg.run.out_dir))  # it writes preflight.json there
+            try:
+                result = preflight(cfg)
+                write_preflight(result, cfg.run.out_dir)
+            finally:
+                unlock_run_dir(Path(cfg.run.out_dir))
             print(format_preflight(result))
             return 1 if result["errors"] else 0
         dist.init_from_env(pick_device(cfg.run.device).type)
@@ -96,6 +103,9 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
             evaluate_only(cfg, args.checkpoint)
         else:
             train(cfg, fresh=args.fresh)
+    except ConfigError as e:  # settings found wrong only now: the run folder (locked, unwritable), ...
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, ModelError, TrainingError, CheckpointError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

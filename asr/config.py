@@ -391,10 +391,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources.{i}.kind: {src.kind!r} is not one of {', '.join(_SOURCE_KINDS)}")
         if not src.path:
             raise ConfigError(f"data.sources.{i}.path: required")
-    for key in ("train.max_steps", "train.grad_accum", "data.sample_rate"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 1:
-            raise ConfigError(f"{key}: must be at least 1")
+    _check_ranges(cfg)
+    if cfg.data.max_duration_s and cfg.data.min_duration_s > cfg.data.max_duration_s:
+        raise ConfigError(f"data.min_duration_s: {cfg.data.min_duration_s} is above data.max_duration_s "
+                          f"({cfg.data.max_duration_s}); no clip would be kept")
     names = [source_name(s) for s in cfg.data.sources]
     set_names: set[str] = set()
     for i, es in enumerate(cfg.eval.sets):
@@ -413,10 +413,6 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
-    if cfg.lora.rank < 0:
-        raise ConfigError("lora.rank: must be 0 (off) or positive")
-    if cfg.preflight.cps_outlier_factor <= 1.0:
-        raise ConfigError("preflight.cps_outlier_factor: must be greater than 1")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
@@ -430,6 +426,88 @@ def validate(cfg: Config) -> None:
             re.compile(_ignore_pattern(cfg.data.text.chars_to_ignore))
         except re.error as e:
             raise ConfigError(f"data.text.chars_to_ignore: invalid regular expression ({e})") from None
+
+
+# The domain of every numeric setting: [a, b] closed, (a, b) open; a list's items and a table's values are
+# each checked. A float must also be finite (TOML reads inf and nan). tests/test_config.py checks that every
+# numeric field of the dataclasses above has an entry here.
+RANGES = {
+    "run.seed": "[0, 4294967295]",  # numpy's seed range
+    "data.sample_rate": "[1000, inf)",
+    "data.min_duration_s": "[0, inf)",
+    "data.max_duration_s": "[0, inf)",  # 0: no limit
+    "data.max_label_tokens": "[0, inf)",  # 0: the model's own limit
+    "data.batch_size": "[0, inf)",  # 0: no cap (then max_batch_s caps)
+    "data.max_batch_s": "[0, inf)",
+    "data.num_workers": "[0, inf)",
+    "data.sp_vocab_size": "[4, inf)",
+    "data.report_examples": "[0, inf)",
+    "model.hidden_size": "[0, inf)",  # 0 keeps the base config's size
+    "model.num_layers": "[0, inf)",
+    "model.num_heads": "[0, inf)",
+    "model.intermediate_size": "[0, inf)",
+    "model.conv_dim": "[1, inf)",
+    "model.conv_kernel": "[1, inf)",
+    "model.conv_stride": "[1, inf)",
+    "model.freeze_encoder_steps": "[0, inf)",
+    "model.layerdrop": "[0, 1]",
+    "model.mask_time_prob": "[0, 1]",
+    "model.mask_time_length": "[1, inf)",
+    "model.mask_feature_prob": "[0, 1]",
+    "model.mask_feature_length": "[1, inf)",
+    "model.attention_dropout": "[0, 1)",
+    "model.hidden_dropout": "[0, 1)",
+    "model.activation_dropout": "[0, 1)",
+    "model.feat_proj_dropout": "[0, 1)",
+    "model.final_dropout": "[0, 1)",
+    "train.max_steps": "[1, inf)",
+    "train.lr": "(0, inf)",
+    "train.weight_decay": "[0, inf)",
+    "train.betas": "[0, 1)",
+    "train.eps": "(0, inf)",
+    "train.warmup_steps": "[0, inf)",
+    "train.grad_accum": "[1, inf)",
+    "train.clip_grad": "[0, inf)",  # 0: no clipping
+    "train.log_every": "[1, inf)",
+    "train.eval_every": "[0, inf)",  # 0: only at the end
+    "train.save_every": "[0, inf)",  # 0: only at the end
+    "train.keep_last": "[0, inf)",
+    "train.max_bad_steps": "[1, inf)",
+    "train.lr_scale": "[0, inf)",
+    "eval.max_utterances": "[0, inf)",  # 0: all
+    "eval.batch_size": "[1, inf)",
+    "eval.examples": "[0, inf)",
+    "eval.worst": "[0, inf)",
+    "decode.beam_size": "[1, inf)",
+    "decode.max_new_tokens": "[1, inf)",
+    "decode.lm_alpha": "[0, inf)",
+    "decode.lm_beta": "(-inf, inf)",  # a word insertion bonus or penalty
+    "decode.hotword_weight": "(-inf, inf)",
+    "lora.rank": "[0, inf)",  # 0: off
+    "lora.alpha": "(0, inf)",
+    "lora.dropout": "[0, 1)",
+    "preflight.cps_outlier_factor": "(1, inf)",
+    "preflight.examples": "[0, inf)",
+}
+
+
+def _in_range(value: float, spec: str) -> bool:
+    lo_text, hi_text = spec[1:-1].split(",")
+    lo, hi = float(lo_text), float(hi_text)
+    above = value >= lo if spec[0] == "[" else value > lo
+    below = value <= hi if spec[-1] == "]" else value < hi
+    return above and below and value == value and abs(value) != float("inf")
+
+
+def _check_ranges(cfg: "Config") -> None:
+    for key, spec in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else [(None, value)]
+        for k, v in items:
+            if v is not None and not _in_range(v, spec):
+                where = key if k is None else f"{key}.{k}"
+                raise ConfigError(f"{where}: must be in {spec}, got {v!r}")
 
 
 def source_name(src: SourceConfig) -> str:

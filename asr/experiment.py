@@ -5,7 +5,10 @@ Used by the training loop (asr/train.py) and by evaluation-only runs.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import random
 import shutil
 import sys
@@ -20,7 +23,7 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, duplicate_source_names, eval_set_specs, to_toml
+from asr.config import Config, ConfigError, duplicate_source_names, eval_set_specs, to_toml
 from asr.data import (SplitReport, Utterance, filter_utterances, format_report, read_source_split, source_name,
                       write_report)
 from asr.models import Bundle, build, export, infer_family
@@ -32,6 +35,64 @@ class TrainingError(Exception):
 
 
 EXPORT_INFO = "asr_export.json"  # in best/ and final/: which step the exported weights are from
+
+
+# ---------------------------------------------------------------------------------------
+# The run folder's lock.
+
+LOCK_FILE = ".lock"
+_HELD: dict[str, int] = {}  # resolved run folder -> file descriptor holding its lock (this process)
+
+
+def lock_run_dir(out: Path) -> None:
+    """Take the exclusive lock of a run folder (`fcntl.flock` on `out/.lock`) for this process, or stop with
+    one line (ConfigError: exit status 2). The lock holds until `unlock_run_dir` or the process's end: the OS
+    releases it when the process dies, however it dies, so a killed run leaves no stale lock. Taking it again
+    in the same process is a no-op. An unwritable `out` (read-only disk, a file in its path, no permission)
+    is the same kind of one-line error. Under torchrun rank 0 takes it and the other ranks learn the outcome."""
+    error = None
+    if dist.is_main():
+        try:
+            _lock(out)
+        except ConfigError as e:
+            error = str(e)
+    (failed,) = dist.sum_values(1.0 if error else 0.0)
+    if failed:
+        raise ConfigError(error or f"run.out_dir: rank 0 could not take the lock of {out}")
+
+
+def _lock(out: Path) -> None:
+    key = str(out.resolve())
+    if key in _HELD:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise ConfigError(f"run.out_dir: cannot write to {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ConfigError(f"run.out_dir: {out} is in use by another run (pid {holder}); wait for it to end "
+                              f"or set another run.out_dir") from None
+        raise ConfigError(f"run.out_dir: cannot lock {out / LOCK_FILE}: {e.strerror or e}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        raise ConfigError(f"run.out_dir: cannot write to {out}: {e.strerror or e}") from None
+    _HELD[key] = fd
+
+
+def unlock_run_dir(out: Path) -> None:
+    """Release this process's lock of `out` (if it holds it)."""
+    fd = _HELD.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,6 +296,7 @@ def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
     device = pick_device(cfg.run.device)
     check_decoding(cfg)
     out = Path(cfg.run.out_dir)
+    lock_run_dir(out)  # before anything in it is removed or written
     if fresh and dist.is_main() and out.exists():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log", "preflight.json"):

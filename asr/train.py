@@ -9,6 +9,7 @@ import json
 import math
 import re
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -19,15 +20,16 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, eval_set_specs, to_toml
+from asr.config import Config, ConfigError, eval_set_specs, to_toml
 from asr.data import AudioDataset, DurationBatchSampler, Utterance, collate
 from asr.decode import decode_tag
 from asr.evaluation import evaluate, worst_rows, write_eval
 from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_for, check_decoding, export_to,
-                            pick_device, pick_precision, prepare, seed_everything, start_run, use_allocator)
+                            lock_run_dir, pick_device, pick_precision, prepare, seed_everything, start_run,
+                            unlock_run_dir, use_allocator)
 from asr.losses import DEFAULT_LOSS, LOSSES
-from asr.models import (loss_batch, model_inputs, parameter_summary, quiet_progress_bars, select_parameters,
-                        set_encoder_frozen)
+from asr.models import (infer_family, loss_batch, model_inputs, parameter_summary, quiet_progress_bars,
+                        select_parameters, set_encoder_frozen)
 
 EVAL_SCALARS = ("wer", "cer", "wer_ortho", "cer_ortho", "loss", "insertion_rate", "empty_rate", "loop_rate",
                 "compression_ratio", "high_compression_rate", "length_ratio", "wer_change_since_step0")
@@ -118,8 +120,10 @@ class Stop:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:  # second Ctrl-C: stop now
-            raise KeyboardInterrupt
+        if self.signal is not None:  # a second Ctrl-C must not cut the checkpoint the first one asked for
+            print(f"already stopping (signal {signum}): saving a checkpoint first; SIGKILL stops at once",
+                  file=sys.stderr, flush=True)
+            return
         self.signal = signum
 
     def restore(self):
@@ -221,7 +225,15 @@ class Window:
 
 
 def train(cfg: Config, fresh: bool = False) -> dict:
-    """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`."""
+    """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`. The run folder
+    is locked against other runs while this runs (asr.experiment.lock_run_dir)."""
+    try:
+        return _train(cfg, fresh)
+    finally:
+        unlock_run_dir(Path(cfg.run.out_dir))
+
+
+def _train(cfg: Config, fresh: bool) -> dict:
     device, out, log = start_run(cfg, fresh)
     bundle, data = prepare(cfg, out, log)
     if not data.train:
@@ -442,10 +454,57 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     """Evaluate without training: a checkpoint folder (training `step-N/` or exported `best/`, `final/`),
     else the run's newest checkpoint, else the model as configured (zero-shot). Writes
     eval/step-N.<split>.<decoding>[.<set>].json/.tsv/.worst.tsv, so decoding settings sit side by side."""
+    try:
+        return _evaluate_only(cfg, checkpoint)
+    finally:
+        unlock_run_dir(Path(cfg.run.out_dir))
+
+
+def checkpoint_family(path: Path) -> str | None:
+    """"whisper" or "ctc" for a training checkpoint (from its parameter names, read without loading the
+    tensors) or an exported folder (its config.json); None when neither tells."""
+    if (path / "model.pt").is_file():
+        try:
+            names = list(torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True))
+        except Exception:
+            return None  # unreadable: loading it later says why
+        if any(n.startswith("proj_out") or ".decoder.layers." in n or "encoder.conv1" in n for n in names):
+            return "whisper"
+        if any(n.startswith("lm_head") or "feature_projection" in n or "feature_extractor" in n for n in names):
+            return "ctc"
+        return None
+    try:
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if model_type is None else "whisper" if model_type == "whisper" else "ctc"
+
+
+def check_eval_checkpoint(cfg: Config, checkpoint: str) -> None:
+    """A --checkpoint that is missing, holds no model, or holds a model of the other family than the
+    experiment's: one line (ConfigError, exit status 2) before any data is read."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ConfigError(f"--checkpoint: not found: {path}")
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint: not a folder: {path}")
+    if not (path / "model.pt").is_file() and not (path / "config.json").is_file():
+        raise ConfigError(f"--checkpoint: {path} holds neither model.pt (a training checkpoint) nor config.json "
+                          f"(an exported model)")
+    found, wanted = checkpoint_family(path), infer_family(cfg.model)
+    if found is not None and found != wanted:
+        names = {"whisper": "a Whisper model", "ctc": "a CTC model"}
+        raise ConfigError(f"--checkpoint: {path} is {names[found]}, the experiment configures {names[wanted]} "
+                          f"(model.name = {cfg.model.name!r})")
+
+
+def _evaluate_only(cfg: Config, checkpoint: str | None) -> dict:
     device = pick_device(cfg.run.device)
     check_decoding(cfg)
+    if checkpoint:
+        check_eval_checkpoint(cfg, checkpoint)
     out = Path(cfg.run.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)
     log = Log(out / "train.log")
     use_allocator(cfg, device, log)
     seed_everything(cfg.run.seed)

@@ -192,3 +192,62 @@ def test_to_toml_of_defaults_round_trips(tmp_path):
     f = tmp_path / "d.toml"
     f.write_text(to_toml(Config()), encoding="utf-8")
     assert load_config(f) == Config()
+
+
+# ---------------------------------------------------------------------------------------
+# Every numeric setting has a domain, checked at load time (issue 13): --print-config already refuses it.
+
+
+def numeric_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Dotted names of the int/float fields (also in lists and tables) of the config tree; lists of tables
+    (data.sources, eval.sets) are walked through their item type."""
+    import dataclasses
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = hints[f.name], f"{prefix}{f.name}"
+        args = typing.get_args(tp)
+        if dataclasses.is_dataclass(tp):
+            keys += numeric_keys(tp, key + ".")
+        elif typing.get_origin(tp) is list and dataclasses.is_dataclass(args[0]):
+            keys += numeric_keys(args[0], key + ".N.")
+        elif {int, float} & {tp, *args}:
+            keys.append(key)
+    return keys
+
+
+def test_every_numeric_setting_has_a_range():
+    from asr.config import RANGES
+
+    keys = numeric_keys()
+    assert "train.lr" in keys and "model.layerdrop" in keys and "train.betas" in keys and "train.lr_scale" in keys
+    assert sorted(set(keys) - set(RANGES)) == []
+    assert sorted(set(RANGES) - set(keys)) == []
+
+
+@pytest.mark.parametrize("assignment", [
+    "train.lr=0", "train.lr=-1e-4", "train.lr=nan", "train.lr=inf", "train.log_every=0", "eval.batch_size=0",
+    "data.num_workers=-1", "train.max_steps=0", "train.grad_accum=0", "train.warmup_steps=-1",
+    "train.clip_grad=-1.0", "train.weight_decay=-0.1", "train.eps=0", "train.betas=[0.9, 1.0]",
+    "train.max_bad_steps=0", "train.eval_every=-5", "train.save_every=-1", "model.layerdrop=1.5",
+    "model.mask_time_prob=-0.1", "model.hidden_dropout=1.0", "model.conv_stride=[5, 0]", "run.seed=-1",
+    "data.min_duration_s=-1", "data.max_batch_s=-2", "data.sample_rate=0", "decode.beam_size=0",
+    "decode.max_new_tokens=0", "decode.lm_alpha=-1", "lora.alpha=0", "lora.dropout=1.0", "eval.worst=-1",
+    "data.sp_vocab_size=1", "preflight.cps_outlier_factor=1.0", "train.lr_scale={lm_head = -2.0}",
+    "data.min_duration_s=40",  # above max_duration_s = 30: nothing would be kept
+])
+def test_values_outside_their_domain_exit_2_with_one_line_at_print_config(assignment, capsys):
+    import run
+
+    assert run.main(["--exp", str(REPO / "experiments" / "demo.toml"), "--set", assignment, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    key = assignment.split("=")[0]
+    assert err.startswith(f"error: {key}") and "\n" not in err, err
+
+
+@pytest.mark.parametrize("assignment", ["train.lr=1e-4", "data.max_duration_s=0", "train.clip_grad=0",
+                                        "model.layerdrop=0.0", "decode.lm_beta=-2.0", "train.keep_last=5"])
+def test_values_at_the_edges_of_their_domain_load(assignment):
+    load_config(REPO / "experiments" / "demo.toml", [assignment])
