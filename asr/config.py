@@ -140,7 +140,8 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
-    loss: str = ""  # a key of asr.losses.LOSSES; "" picks the family's default
+    loss: str = ""  # a loss of asr.losses.LOSSES for the model's family; "" picks the family's default
+    loss_args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     log_every: int = 10
     eval_every: int = 500  # 0: only at the end
     save_every: int = 500  # 0: only at the end
@@ -191,7 +192,8 @@ class EvalConfig:
 
 @dataclass
 class DecodeConfig:
-    method: str = "greedy"  # greedy | beam
+    method: str = "greedy"  # a decoder of asr.decode.DECODERS for the model's family: greedy | beam | ...
+    args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     beam_size: int = 4
     max_new_tokens: int = 225  # Whisper
     prompt: str = ""  # Whisper: text given as previous context (<|startofprev|>), e.g. domain vocabulary
@@ -373,7 +375,6 @@ _CHOICES = {
     "data.sp_model_type": ("unigram", "bpe"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "decode.method": ("greedy", "beam"),
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }
@@ -392,6 +393,7 @@ def validate(cfg: Config) -> None:
         if not src.path:
             raise ConfigError(f"data.sources.{i}.path: required")
     _check_ranges(cfg)
+    check_methods(cfg)
     if cfg.data.max_duration_s and cfg.data.min_duration_s > cfg.data.max_duration_s:
         raise ConfigError(f"data.min_duration_s: {cfg.data.min_duration_s} is above data.max_duration_s "
                           f"({cfg.data.max_duration_s}); no clip would be kept")
@@ -489,6 +491,26 @@ RANGES = {
     "preflight.cps_outlier_factor": "(1, inf)",
     "preflight.examples": "[0, inf)",
 }
+
+
+def check_methods(cfg: "Config", family: str = "") -> None:
+    """train.loss and decode.method (with their args) against the registries asr.losses.LOSSES and
+    asr.decode.DECODERS: for `family` (or model.family) when known, else a name of some family's."""
+    from asr.decode import DECODERS, check_decoder
+    from asr.losses import LOSSES, check_loss
+
+    family = family or cfg.model.family or ("ctc" if cfg.model.init == "scratch" and not cfg.model.name else "")
+    if family:
+        for problem in (check_loss(cfg.train, family), check_decoder(cfg.decode, family)):
+            if problem:
+                raise ConfigError(problem)
+        return
+    if cfg.train.loss and not any(cfg.train.loss in LOSSES[f] for f in LOSSES):
+        known = sorted({name for f in LOSSES for name in LOSSES[f]})
+        raise ConfigError(f"train.loss: unknown loss {cfg.train.loss!r} (known: {', '.join(known)})")
+    if not any(cfg.decode.method in DECODERS[f] for f in DECODERS):
+        known = sorted({name for f in DECODERS for name in DECODERS[f]})
+        raise ConfigError(f"decode.method: unknown decoder {cfg.decode.method!r} (known: {', '.join(known)})")
 
 
 def _in_range(value: float, spec: str) -> bool:

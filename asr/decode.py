@@ -28,18 +28,22 @@ def ctc_greedy(log_probs: torch.Tensor, lengths: torch.Tensor, blank: int) -> li
     return out
 
 
-def whisper_generation_config(model, method: str = "greedy", beam_size: int = 4, max_new_tokens: int = 225):
+def whisper_generation_config(model, method: str = "greedy", beam_size: int = 4, max_new_tokens: int = 225,
+                              args: dict | None = None):
     """The model's generation config for decoding from an explicit prompt: its token suppression rules,
-    our search settings and token limit, no language/task of its own (the prompt holds them)."""
+    the search settings of decoder `method` (DECODERS["whisper"]) and the token limit, no language/task of
+    its own (the prompt holds them)."""
     gen = copy.deepcopy(model.generation_config)
     gen.forced_decoder_ids = None
     gen.language = None
     gen.task = None
     gen.max_length = None  # the limit is max_new_tokens
     gen.max_new_tokens = max_new_tokens
-    gen.num_beams = beam_size if method == "beam" else 1
+    gen.num_beams = 1
     gen.do_sample = False
     gen.return_timestamps = False
+    for key, value in DECODERS["whisper"][method](beam_size, **(args or {})).items():
+        setattr(gen, key, value)
     return gen
 
 
@@ -54,7 +58,8 @@ def whisper_context(tokenizer, text: str, max_tokens: int = 223) -> list[int]:
 
 @torch.no_grad()
 def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "greedy", beam_size: int = 4,
-                     max_new_tokens: int = 225, prompt: str = "", encoder_outputs=None) -> list[str]:
+                     max_new_tokens: int = 225, prompt: str = "", encoder_outputs=None,
+                     args: dict | None = None) -> list[str]:
     """Batched Whisper decoding through `generate`, started from each utterance's training prompt
     (<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>), so decoding is forced to the same
     language (or none, where model.language_map leaves it out) and task as the labels. `prompt` is
@@ -79,7 +84,7 @@ def whisper_generate(bundle, batch: dict, device: torch.device, method: str = "g
     for prompt in dict.fromkeys(prompts):
         rows = [i for i, p in enumerate(prompts) if p == prompt]
         limit = min(max_new_tokens, model.config.max_target_positions - len(prompt))
-        gen = whisper_generation_config(model, method, beam_size, limit)
+        gen = whisper_generation_config(model, method, beam_size, limit, args)
         decoder_input_ids = torch.tensor([prompt] * len(rows), dtype=torch.long, device=device)  # (b, P)
         # The base class's generate: Whisper's own would pick the prompt from language/task arguments
         # and cannot leave the language token out. The encoder input has no padding (30 s features).
@@ -101,30 +106,78 @@ def load_lm(path: str):
 
 @torch.no_grad()
 def ctc_decode(bundle, outputs, batch: dict, cfg=None) -> list[str]:
-    """CTC decoding of a forward pass to text: greedy, or prefix beam search (with an optional n-gram LM
-    and hotwords) when `cfg` (a DecodeConfig) says method = "beam"."""
-    lengths = bundle.model._get_feat_extract_output_lengths(batch["audio_lengths"])
-    vocab = bundle.vocab
-    if cfg is None or cfg.method == "greedy":
-        return [vocab.decode(ids) for ids in ctc_greedy(outputs.logits, lengths, vocab.blank)]
+    """CTC decoding of a forward pass to text with decoder `cfg.method` of DECODERS["ctc"] (greedy without
+    `cfg`, a DecodeConfig), given `cfg.args` as keyword arguments."""
+    from asr.models import ctc_output_lengths
+
+    lengths = ctc_output_lengths(bundle.model, batch["audio_lengths"])  # (B,)
     log_probs = torch.log_softmax(outputs.logits.float(), dim=-1)  # (B, T, V)
-    ids = ctc_beam_search(log_probs, lengths, vocab.blank, beam_width=cfg.beam_size, vocab=vocab,
-                          lm=load_lm(cfg.lm) if cfg.lm else None, alpha=cfg.lm_alpha, beta=cfg.lm_beta,
-                          hotwords=tuple(cfg.hotwords), hotword_weight=cfg.hotword_weight,
-                          length_norm=cfg.length_norm)
-    return [vocab.decode(i) for i in ids]
+    method, args = ("greedy", {}) if cfg is None else (cfg.method, cfg.args)
+    ids = DECODERS["ctc"][method](log_probs, lengths, bundle.vocab, cfg, **args)
+    return [bundle.vocab.decode(i) for i in ids]
+
+
+# ---------------------------------------------------------------------------------------
+# The decoders, by model family and name (decode.method), like asr.losses.LOSSES.
+#
+# CTC: (log_probs (B, T, V) float32 log-softmax, lengths (B,) valid frames, vocab, cfg: DecodeConfig,
+#       **decode.args) -> label ids per item (the blank and repeats already removed).
+# Whisper: (beam_size, **decode.args) -> generation settings for transformers' `generate` (num_beams,
+#       do_sample, temperature, length_penalty, ...), which runs the search from each utterance's prompt.
+# To add one: write the function, add it below, set decode.method (and decode.args) in the experiment file.
+
+
+def ctc_best_path(log_probs: torch.Tensor, lengths: torch.Tensor, vocab, cfg=None) -> list[list[int]]:
+    """Best path: `ctc_greedy`."""
+    return ctc_greedy(log_probs, lengths, vocab.blank)
+
+
+def ctc_prefix_beam(log_probs: torch.Tensor, lengths: torch.Tensor, vocab, cfg) -> list[list[int]]:
+    """Prefix beam search (`ctc_beam_search`) with decode.beam_size, and decode.lm / hotwords if set."""
+    return ctc_beam_search(log_probs, lengths, vocab.blank, beam_width=cfg.beam_size, vocab=vocab,
+                           lm=load_lm(cfg.lm) if cfg.lm else None, alpha=cfg.lm_alpha, beta=cfg.lm_beta,
+                           hotwords=tuple(cfg.hotwords), hotword_weight=cfg.hotword_weight,
+                           length_norm=cfg.length_norm)
+
+
+DECODERS = {
+    "ctc": {"greedy": ctc_best_path, "beam": ctc_prefix_beam},
+    "whisper": {"greedy": lambda beam_size: {"num_beams": 1},
+                "beam": lambda beam_size: {"num_beams": beam_size}},
+}
 
 
 def decode_tag(cfg) -> str:
-    """A short name for a decoding setting, used in eval file names: greedy, beam4, beam8-lm, greedy-prompt."""
-    tag = "greedy" if cfg.method == "greedy" else f"beam{cfg.beam_size}"
+    """A short name for a decoding setting, used in eval file names: the method's registry name (beam search
+    with its width), then what changes its output: beam8-lm, greedy-prompt, greedy_bp-blank_penalty2.0."""
+    tag = f"beam{cfg.beam_size}" if cfg.method == "beam" else cfg.method
     if cfg.method == "beam" and cfg.lm:
         tag += "-lm"
     if cfg.method == "beam" and cfg.hotwords:
         tag += "-hot"
     if cfg.prompt:
         tag += "-prompt"
+    for key, value in sorted(cfg.args.items()):
+        tag += f"-{key}{value}"
     return tag
+
+
+def check_decoder(cfg, family: str) -> str | None:
+    """Why decode.method / decode.args do not fit a decoder of `family` ("ctc" or "whisper"), or None."""
+    import inspect
+
+    known = DECODERS[family]
+    if cfg.method not in known:
+        return f"decode.method: {cfg.method!r} is not a {family} decoder (known: {', '.join(known)})"
+    params = inspect.signature(known[cfg.method]).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        fixed = 4 if family == "ctc" else 1  # the arguments every decoder of the family is given
+        accepted = [name for name in list(params)[fixed:]]
+        unknown = sorted(set(cfg.args) - set(accepted))
+        if unknown:
+            return (f"decode.args: {cfg.method!r} takes no argument {unknown[0]!r} "
+                    f"(it takes: {', '.join(accepted) or 'none'})")
+    return None
 
 
 # ---------------------------------------------------------------------------------------

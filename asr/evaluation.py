@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from contextlib import nullcontext
@@ -45,6 +46,7 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
                                          collate_fn=collate, num_workers=cfg.data.num_workers,
                                          worker_init_fn=dist.loader_worker_init,
                                          generator=torch.Generator().manual_seed(0))
+    loss_fn = functools.partial(LOSSES[bundle.family][loss_name], **cfg.train.loss_args)
     rows, loss_sum, loss_n = [], 0.0, 0
     for batch in loader:
         for utt_id, err in batch["dropped"]:
@@ -56,13 +58,14 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
             if bundle.family == "whisper":  # the encoder runs once, for the loss and for decoding
                 encoded = model.get_encoder()(inputs.pop("input_features"))
                 outputs = model(encoder_outputs=encoded, **inputs)
-                loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
+                loss, n = loss_fn(outputs, loss_batch(bundle, batch, device))
                 del outputs  # (B, L, V) logits: not needed while decoding
                 hyps = whisper_generate(bundle, batch, device, cfg.decode.method, cfg.decode.beam_size,
-                                        cfg.decode.max_new_tokens, cfg.decode.prompt, encoder_outputs=encoded)
+                                        cfg.decode.max_new_tokens, cfg.decode.prompt, encoder_outputs=encoded,
+                                        args=cfg.decode.args)
             else:
                 outputs = model(**inputs)
-                loss, n = LOSSES[loss_name](outputs, loss_batch(bundle, batch, device))
+                loss, n = loss_fn(outputs, loss_batch(bundle, batch, device))
                 hyps = ctc_decode(bundle, outputs, batch, cfg.decode)
         loss_sum += float(loss)
         loss_n += n

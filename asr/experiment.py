@@ -23,7 +23,7 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, ConfigError, duplicate_source_names, eval_set_specs, to_toml
+from asr.config import Config, ConfigError, check_methods, duplicate_source_names, eval_set_specs, to_toml
 from asr.data import (SplitReport, Utterance, filter_utterances, format_report, read_source_split, source_name,
                       write_report)
 from asr.models import Bundle, build, export, infer_family
@@ -255,9 +255,11 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
 
 
 def check_decoding(cfg: Config) -> None:
-    """Read the decoding LM (decode.lm, used by CTC beam search) before any work, so a missing or malformed
-    file is one line at start-up rather than a traceback at the first evaluation."""
-    if not (cfg.decode.lm and cfg.decode.method == "beam"):
+    """Before any work: the loss and the decoder exist for the model's family and take the arguments given
+    (ConfigError: exit status 2), and the decoding LM (decode.lm) reads, so a missing or malformed file is
+    one line at start-up rather than a traceback at the first evaluation."""
+    check_methods(cfg, infer_family(cfg.model))
+    if not cfg.decode.lm:
         return
     from asr.decode import load_lm
     from asr.lm import ArpaError

@@ -73,7 +73,13 @@ class Bundle:
             self.tokenizer.eos_token_id]
 
     def output_frames(self, n_samples: int) -> int:
-        return int(self.model._get_feat_extract_output_lengths(torch.tensor(n_samples)).item())
+        return int(ctc_output_lengths(self.model, torch.tensor(n_samples)).item())
+
+
+def ctc_output_lengths(model, audio_lengths: torch.Tensor) -> torch.Tensor:
+    """Output frames of a CTC encoder for input lengths in samples (B,): the conv feature encoder's
+    arithmetic (transformers' `_get_feat_extract_output_lengths`, a private method: called here only)."""
+    return model._get_feat_extract_output_lengths(audio_lengths)
 
 
 def check_model_name(name: str) -> None:
@@ -355,7 +361,7 @@ def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     labels = batch["labels"].to(device)
     if bundle.family == "whisper":
         return {"labels": labels[:, 1:]}  # (B, L-1) next-token targets
-    out_lengths = bundle.model._get_feat_extract_output_lengths(batch["audio_lengths"]).to(device)
+    out_lengths = ctc_output_lengths(bundle.model, batch["audio_lengths"]).to(device)
     return {"labels": labels, "label_lengths": batch["label_lengths"].to(device), "out_lengths": out_lengths,
             "blank": bundle.vocab.blank}
 

@@ -27,7 +27,7 @@ from asr.evaluation import evaluate, worst_rows, write_eval
 from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_for, check_decoding, export_to,
                             lock_run_dir, pick_device, pick_precision, prepare, seed_everything, start_run,
                             unlock_run_dir, use_allocator)
-from asr.losses import DEFAULT_LOSS, LOSSES
+from asr.losses import DEFAULT_LOSS, loss_function
 from asr.models import (infer_family, loss_batch, model_inputs, parameter_summary, quiet_progress_bars,
                         select_parameters, set_encoder_frozen)
 
@@ -246,9 +246,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
     autocast = autocast_for(precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_name = tc.loss or DEFAULT_LOSS[bundle.family]
-    if loss_name not in LOSSES:
-        raise TrainingError(f"train.loss: unknown loss '{loss_name}' (known: {', '.join(LOSSES)})")
-    loss_fn = LOSSES[loss_name]
+    loss_fn = loss_function(tc, bundle.family)
     optimizer = make_optimizer(model, tc)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc))
     by_duration = cfg.data.batching == "duration" or (cfg.data.batching == "auto" and bundle.family == "ctc")

@@ -370,7 +370,7 @@ def test_clip_broken_on_disk_mid_training_is_dropped_and_logged(tmp_path, monkey
                 state["broken_at"] = 1
         return losses.ctc(outputs, batch)
 
-    monkeypatch.setitem(losses.LOSSES, "ctc_breaking_a_file", ctc_breaking_a_file)
+    monkeypatch.setitem(losses.LOSSES["ctc"], "ctc_breaking_a_file", ctc_breaking_a_file)
     cfg.train.loss = "ctc_breaking_a_file"
     results = train(cfg, fresh=True)
 

@@ -329,7 +329,7 @@ def register_bad_loss(monkeypatch, bad_steps: set[int], kind: str) -> str:
         return losses.ctc(outputs, batch)
 
     name = f"ctc_bad_{kind}"
-    monkeypatch.setitem(losses.LOSSES, name, loss)
+    monkeypatch.setitem(losses.LOSSES["ctc"], name, loss)
     return name
 
 

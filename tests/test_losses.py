@@ -64,7 +64,7 @@ def test_whisper_cross_entropy_equals_hf_loss():
     assert float(loss_sum / n) == pytest.approx(float(hf.loss), rel=1e-5)
     # The logits line up with HF's own shift of the labels (decoder_start_token_id prepended).
     assert torch.allclose(outputs.logits, hf.logits, atol=1e-5)
-    assert LOSSES["cross_entropy"] is cross_entropy
+    assert LOSSES["whisper"]["cross_entropy"] is cross_entropy
 
 
 @needs_whisper_base
