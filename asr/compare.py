@@ -306,6 +306,11 @@ def format_result(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _step(ev: dict | None, tsv: Path) -> int | None:
+    m = _STEM.match(tsv.stem)
+    return ev["step"] if ev else int(m.group(1)) if m else None
+
+
 def resolve(a: Path, b: Path, args) -> list[tuple[str, dict | None, dict | None, Path, Path]]:
     """(set, eval of A, eval of B, tsv A, tsv B) for every pair to compare."""
     for p in (a, b):
@@ -376,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for name, ev_a, ev_b, tsv_a, tsv_b in pairs:
             r = compare_files(tsv_a, tsv_b, normalizer, args.language, source_languages, args.resamples, args.seed)
-            r.update({"set": name or r["set"], "step_a": ev_a and ev_a["step"], "step_b": ev_b and ev_b["step"],
+            r.update({"set": name or r["set"], "step_a": _step(ev_a, tsv_a), "step_b": _step(ev_b, tsv_b),
                       "normalizer": normalizer})
             results.append(r)
     except CompareError as e:
