@@ -280,7 +280,7 @@ def verdict(r: dict, metric: str = "wer") -> str:
     d, (low, high) = r[f"{metric}_diff"], r[f"{metric}_diff_ci95"]
     m = metric.upper()
     what = (f"A and B have the same {m}" if d == 0 else
-            f"B's {m} is lower than A's by {-d:.2f} points" if d < 0 else f"B's {m} is higher than A's by {d:.2f} points")
+            f"B's {m} is {'lower' if d < 0 else 'higher'} than A's by {abs(d):.2f} points")
     if r[f"{metric}_significant"]:
         return f"{what}: significant at 95% (the interval [{low:+.2f}, {high:+.2f}] excludes 0)."
     return f"{what}: not significant at 95% (the interval [{low:+.2f}, {high:+.2f}] contains 0)."
@@ -288,7 +288,8 @@ def verdict(r: dict, metric: str = "wer") -> str:
 
 def format_result(r: dict) -> str:
     langs = ", ".join(x or '""' for x in r["languages"])
-    lines = [("" if r["set"] is None else f"set {r['set']}: ") + f"{r['n']} utterances, {r['words']} reference words, {r['chars']} characters "
+    lines = [("" if r["set"] is None else f"set {r['set']}: ")
+             + f"{r['n']} utterances, {r['words']} reference words, {r['chars']} characters "
              f"(normaliser {r['normalizer']}, language {langs})",
              f"  A  {r['a']}" + (f"  (step {r['step_a']})" if r.get("step_a") is not None else ""),
              f"  B  {r['b']}" + (f"  (step {r['step_b']})" if r.get("step_b") is not None else ""),
@@ -302,7 +303,8 @@ def format_result(r: dict) -> str:
         rec = r.get(f"wer_{side}_recorded")
         if rec is not None and abs(rec - r[f"wer_{side}"]) > 1e-9:
             lines.append(f"  note: {side.upper()}'s WER here ({r[f'wer_{side}']:.2f}) is not its eval JSON's "
-                         f"({rec:.2f}): another normaliser or language than the evaluation's (--normalizer, --language)")
+                         f"({rec:.2f}): another normaliser or language than the evaluation's "
+                         "(--normalizer, --language)")
     return "\n".join(lines)
 
 
@@ -368,11 +370,12 @@ def main(argv: list[str] | None = None) -> int:
         a, b = Path(args.a), Path(args.b)
         pairs = resolve(a, b, args)
         # A run's own eval.normalizer and source languages, for a run folder or a TSV in its eval/.
-        settings = [run_settings(p if p.is_dir() else p.parent.parent) for p in (a, b)]
+        settings = [run_settings(p if p.is_dir() else p.parent.parent) for p in (a, b)
+                    if p.is_dir() or p.parent.name == "eval"]
         normalizers = {n for n, _ in settings if n}
         if args.normalizer is None and len(normalizers) > 1:
-            raise CompareError(f"A and B were evaluated with different eval.normalizer ({', '.join(sorted(normalizers))}); "
-                               "choose one with --normalizer")
+            raise CompareError(f"A and B were evaluated with different eval.normalizer "
+                               f"({', '.join(sorted(normalizers))}); choose one with --normalizer")
         normalizer = args.normalizer or (normalizers.pop() if normalizers else "script")
         if normalizer not in NORMALIZERS:
             raise CompareError(f"eval.normalizer {normalizer!r} in the run's config.toml is not one of "
