@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import run
-from asr.config import ConfigError, load_config
+from asr.config import load_config
 from asr.decode import DECODERS, ctc_greedy, decode_tag
 from asr.losses import LOSSES
 
@@ -123,11 +123,11 @@ def test_loss_args_reach_the_loss_in_a_whisper_run(tmp_path):
     assert losses[0.3] != pytest.approx(losses[0.0], rel=1e-4)
 
 
-def test_resolved_config_keeps_the_arguments(tmp_path):
+def test_the_saved_config_keeps_the_arguments(tmp_path, monkeypatch):
     from asr.config import to_toml
 
-    cfg = load_config(DEMO, ["decode.args.blank_penalty=2.5", "train.loss_args.reduction_hint=sum"])
+    monkeypatch.setitem(DECODERS["ctc"], "greedy_bp", greedy_blank_penalty)
+    cfg = load_config(DEMO, ["decode.method=greedy_bp", "decode.args.blank_penalty=2.5"])
     back = tmp_path / "back.toml"
     back.write_text(to_toml(cfg), encoding="utf-8")
-    with pytest.raises(ConfigError):  # the ctc loss takes no such argument: the saved config says so too
-        load_config(back)
+    assert load_config(back) == cfg and cfg.decode.args == {"blank_penalty": 2.5}
