@@ -24,6 +24,10 @@ class AudioError(Exception):
     """An audio file that cannot be read; the message names the file."""
 
 
+class NonFiniteAudio(AudioError):
+    """Audio that decodes to NaN or infinite samples (e.g. a float wav written from a failed computation)."""
+
+
 def audio_info(path: str | Path | bytes | io.IOBase) -> tuple[float, int]:
     """(duration in seconds, sample rate) from the header of a file (a path, the file's bytes or a
     binary file object), without decoding. Raises AudioError naming the file."""
@@ -150,7 +154,7 @@ def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tens
     if data.shape[0] == 0:
         raise AudioError(_message(name, "no audio frames"))
     if not np.isfinite(data).all():
-        raise AudioError(_message(name, "audio contains NaN or infinite samples"))
+        raise NonFiniteAudio(_message(name, "audio contains NaN or infinite samples"))
     audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]))
     return resample(audio, sr, sample_rate)
 

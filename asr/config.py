@@ -210,6 +210,9 @@ class PreflightConfig:
     enabled: bool = True  # run them at the start of a training run and write <out_dir>/preflight.json
     cps_outlier_factor: float = 3.0  # chars/s above factor x or below 1/factor x the split median: outlier
     examples: int = 5  # examples kept per finding
+    # Clips of each split decoded to find undecodable, NaN/inf and silent audio: all of a split up to this
+    # many, else a random sample of this many (seeded with run.seed); 0: none decoded (headers only).
+    decode_sample: int = 2000
 
 
 @dataclass
@@ -417,6 +420,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("lora.rank: must be 0 (off) or positive")
     if cfg.preflight.cps_outlier_factor <= 1.0:
         raise ConfigError("preflight.cps_outlier_factor: must be greater than 1")
+    if cfg.preflight.decode_sample < 0:
+        raise ConfigError("preflight.decode_sample: must be 0 (off) or positive")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
