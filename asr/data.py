@@ -280,8 +280,8 @@ def _hf_audio(utt: Utterance):
     raise AudioError(f"{utt.id}: no audio in row {utt.row}")
 
 
-def load_utterance_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
-    """Decoded mono audio of one utterance at `sample_rate`. (N,)"""
+def load_utterance_audio(utt: Utterance, sample_rate: int | None) -> torch.Tensor:
+    """Decoded mono audio of one utterance at `sample_rate` (None: as stored, without resampling). (N,)"""
     if not utt.table:
         return load_audio(utt.path, sample_rate)
     value = _hf_audio(utt)
@@ -289,7 +289,8 @@ def load_utterance_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
         from asr.audio import resample
 
         audio, sr = value
-        return resample(audio if audio.dim() == 1 else audio.mean(0), sr, sample_rate)
+        audio = audio if audio.dim() == 1 else audio.mean(0)
+        return audio if sample_rate is None else resample(audio, sr, sample_rate)
     return load_audio(value, sample_rate)
 
 

@@ -11,8 +11,8 @@ sentences after script-aware normalising, shared speakers); label lengths (Whisp
 prefix and <|endoftext|>, against the 448 limit; CTC: output frames against labels plus repeats); what
 the filters will drop, by reason; the clips of a decoded sample (`preflight.decode_sample` per split) that
 fail to decode, hold NaN/inf samples or are silent; and (CTC) the punctuation and symbols that would
-become vocabulary labels, with the `data.text.chars_to_ignore` value that removes them. The drop counts come from
-asr.data.filter_utterances with a labeler built from the tokenizer or the model config alone
+become vocabulary labels, with the `data.text.chars_to_ignore` value that removes them. The drop counts
+come from asr.data.filter_utterances with a labeler built from the tokenizer or the model config alone
 (`weightless_labeler`), so they are exactly those training writes to data_report.json.
 
 `format_preflight(result)` is a short table for the terminal; `write_preflight(result, out_dir)`
@@ -27,9 +27,8 @@ import random
 import time
 import unicodedata
 from collections import Counter
-from pathlib import Path
-
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
 from asr.config import Config, _toml_value, duplicate_source_names, eval_set_specs
@@ -197,11 +196,13 @@ def _decode_sample(utts: list[Utterance], cfg: Config, workers: int) -> dict | N
     if n <= 0:
         return None
     t0 = time.time()
-    sample = utts if len(utts) <= n else [utts[k] for k in sorted(random.Random(cfg.run.seed).sample(range(len(utts)), n))]
+    total = len(utts)
+    if total > n:  # a seeded sample, in the split's order
+        utts = [utts[k] for k in sorted(random.Random(cfg.run.seed).sample(range(total), n))]
 
     def check(u: Utterance):
         try:
-            audio = load_utterance_audio(u, cfg.data.sample_rate)  # (N,)
+            audio = load_utterance_audio(u, None)  # (N,) at the stored rate: twice as fast, the same findings
         except NonFiniteAudio as e:
             return "non_finite", {"id": u.id, "detail": str(e)}
         except Exception as e:  # AudioError, or whatever a third-party decoder raises: training drops it
@@ -216,8 +217,8 @@ def _decode_sample(utts: list[Utterance], cfg: Config, workers: int) -> dict | N
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        found = list(pool.map(check, sample))
-    out = {"decoded": len(sample), "of": len(utts), "sampled": len(sample) < len(utts)}
+        found = list(pool.map(check, utts))
+    out = {"decoded": len(utts), "of": total, "sampled": len(utts) < total}
     for kind in ("undecodable", "non_finite", "silent"):
         hits = [f[1] for f in found if f is not None and f[0] == kind]
         out[kind] = {"count": len(hits), "examples": hits[: cfg.preflight.examples]}
@@ -483,7 +484,8 @@ def _warnings(result: dict) -> list[str]:
                          f"above or below the median (likely misaligned or wrong transcripts), e.g. {ex['id']} "
                          f"{ex['duration']} s {ex['chars_per_s']} chars/s ({ex['x_median']}x the median)")
         if s["control_chars"]["transcripts"]:
-            lines.append(f"{label}: {control_chars_line(s['control_chars']['transcripts'], s['control_chars']['examples'])}")
+            cc = s["control_chars"]
+            lines.append(f"{label}: {control_chars_line(cc['transcripts'], cc['examples'])}")
         d = s["decode"]
         if d and (d["undecodable"]["count"] or d["non_finite"]["count"]):
             ex = (d["undecodable"]["examples"] + d["non_finite"]["examples"])[:3]

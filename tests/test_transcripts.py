@@ -73,8 +73,8 @@ def test_control_characters_are_taken_out_of_tsv_and_jsonl_transcripts_with_a_wa
         f"s\t{c.name}\t{t}\n" for c, t in zip(train_clips, sentences)), encoding="utf-8")
     man = tmp_path / "man"
     man.mkdir()
-    jsonl = [{"path": str(train_clips[0]), "text": "bir\tiki\nüç"}, {"path": str(train_clips[1]), "text": "dört\u0000beş"},
-             {"path": str(train_clips[2]), "text": "altı\ud800"}]
+    texts = ["bir\tiki\nüç", "dört\u0000beş", "altı\ud800"]  # tab, newline, NUL, a lone surrogate
+    jsonl = [{"path": str(c), "text": t} for c, t in zip(train_clips, texts)]
     (man / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in jsonl), encoding="utf-8")
     cfg = DataConfig(text=TextConfig(lowercase=True))
     reports = {}
@@ -146,7 +146,8 @@ def test_extend_chars_to_ignore_keeps_removing_the_old_and_removes_the_new():
     from asr.text import extend_chars_to_ignore
 
     new = "&'()[|€\\^-]"
-    for current in ("", ",?.!", ',?.!;:"“”‘’%-', r"[\,\?\.\!\-\;\:\"\“\%\‘\”\�\']", "[,.]", r"\s+-\s+", "[^a-z ]x"):
+    tr_xlsr = r"[\,\?\.\!\-\;\:\"\“\%\‘\”\�\']"  # experiments/tr_xlsr.toml's
+    for current in ("", ",?.!", ',?.!;:"“”‘’%-', tr_xlsr, "[,.]", r"\s+-\s+", "[^a-z ]x"):
         value = extend_chars_to_ignore(current, new)
         pattern = _ignore_pattern(value)
         old = re.compile(_ignore_pattern(current)) if current else None
@@ -184,7 +185,8 @@ def test_punctuation_left_in_ctc_labels_is_a_warning_with_the_line_that_removes_
         rows["train"][k][1] = text
     cfg, result = run_punctuation(tmp_path, rows, DEMO_TEXT["chars_to_ignore"], "before")
     punct = result["punctuation"]
-    marks = {c for t in extra.values() for c in t if unicodedata.category(c)[0] in "PS"} - set(DEMO_TEXT["chars_to_ignore"])
+    marks = {c for t in extra.values() for c in t if unicodedata.category(c)[0] in "PS"}
+    marks -= set(DEMO_TEXT["chars_to_ignore"])
     assert set(punct["chars"]) == marks and punct["chars_to_ignore"] == line
     counts = " ".join(f"{c} x{sum(t.count(c) for t in extra.values())}" for c in punct["chars"])
     warning = (f"training transcripts keep punctuation or symbols that become CTC labels: {counts}; to remove them, "
@@ -298,10 +300,13 @@ def truncated_flac(path):
 
 
 def test_preflight_decodes_and_reports_nan_silent_and_undecodable_clips(tmp_path):
-    folder = corpus_with_clips(tmp_path, {"nan.wav": nan_wav, "zeros.wav": lambda p: sf.write(p, np.zeros(16000), 16000),
-                                          "quiet.wav": lambda p: tone(p, 1.0, amplitude=1e-4, subtype="FLOAT"),  # -83 dBFS
-                                          "loudish.wav": lambda p: tone(p, 1.0, amplitude=2e-3),  # -57 dBFS: not silent
-                                          "cut.flac": truncated_flac})
+    folder = corpus_with_clips(tmp_path, {
+        "nan.wav": nan_wav,
+        "zeros.wav": lambda p: sf.write(p, np.zeros(16000), 16000),
+        "quiet.wav": lambda p: tone(p, 1.0, amplitude=1e-4, subtype="FLOAT"),  # -83 dBFS
+        "loudish.wav": lambda p: tone(p, 1.0, amplitude=2e-3),  # -57 dBFS: not silent
+        "cut.flac": truncated_flac,
+    })
     cfg = ctc_config(tmp_path / "run", cv(folder))
     result = preflight(cfg)
     assert result["errors"] == []
