@@ -24,6 +24,10 @@ class AudioError(Exception):
     """An audio file that cannot be read; the message names the file."""
 
 
+class NonFiniteAudio(AudioError):
+    """Audio that decodes to NaN or infinite samples (e.g. a float wav written from a failed computation)."""
+
+
 def audio_info(path: str | Path | bytes | io.IOBase) -> tuple[float, int]:
     """(duration in seconds, sample rate) from the header of a file (a path, the file's bytes or a
     binary file object), without decoding. Raises AudioError naming the file."""
@@ -138,9 +142,10 @@ def _reason(e: Exception) -> str:
     return text
 
 
-def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tensor:
+def load_audio(path: str | Path | bytes, sample_rate: int | None = 16000) -> torch.Tensor:
     """Decode wav/flac/mp3/ogg (a path, the file's bytes or a binary file object) to mono float32 at
-    `sample_rate`. Returns (N,). A missing, empty or corrupt file raises AudioError (one line, naming it)."""
+    `sample_rate` (None: the file's own). Returns (N,). A missing, empty or corrupt file raises AudioError
+    (one line, naming it); one whose samples are not all finite raises NonFiniteAudio."""
     name, src = _source(path)
     _check_complete(name, src)
     try:
@@ -150,9 +155,9 @@ def load_audio(path: str | Path | bytes, sample_rate: int = 16000) -> torch.Tens
     if data.shape[0] == 0:
         raise AudioError(_message(name, "no audio frames"))
     if not np.isfinite(data).all():
-        raise AudioError(_message(name, "audio contains NaN or infinite samples"))
+        raise NonFiniteAudio(_message(name, "audio contains NaN or infinite samples"))
     audio = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]))
-    return resample(audio, sr, sample_rate)
+    return audio if sample_rate is None else resample(audio, sr, sample_rate)
 
 
 def resample(audio: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:

@@ -212,6 +212,9 @@ class PreflightConfig:
     enabled: bool = True  # run them at the start of a training run and write <out_dir>/preflight.json
     cps_outlier_factor: float = 3.0  # chars/s above factor x or below 1/factor x the split median: outlier
     examples: int = 5  # examples kept per finding
+    # Clips of each split decoded to find undecodable, NaN/inf and silent audio: all of a split up to this
+    # many, else a random sample of this many (seeded with run.seed); 0: none decoded (headers only).
+    decode_sample: int = 2000
 
 
 @dataclass
@@ -490,6 +493,7 @@ RANGES = {
     "lora.dropout": "[0, 1)",
     "preflight.cps_outlier_factor": "(1, inf)",
     "preflight.examples": "[0, inf)",
+    "preflight.decode_sample": "[0, inf)",  # 0: off
 }
 
 

@@ -18,7 +18,7 @@ import torch
 
 from asr.audio import AudioError, audio_info, load_audio
 from asr.config import DataConfig, SourceConfig, source_name  # noqa: F401 (source_name re-exported)
-from asr.text import clean_transcript
+from asr.text import clean_transcript, strip_controls
 
 
 class DataError(Exception):
@@ -38,6 +38,7 @@ class Utterance:
     duration: float = 0.0
     label_text: str = ""  # the cleaned training transcript
     labels: list[int] = field(default_factory=list)
+    controls: str = ""  # control characters taken out of `text` when it was read (asr.text.strip_controls)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,7 +113,7 @@ def _rows_to_utterances(rows, src, name, base: Path, audio_col, text_col, bad, a
             bad.append(("bad_path", dict(where, path=repr(row[audio_col]))))
             continue
         rel = row[audio_col].strip()
-        text = row[text_col] if isinstance(row[text_col], str) else ""
+        text, controls = strip_controls(row[text_col] if isinstance(row[text_col], str) else "")
         p = Path(rel)
         if not rel or (p.is_absolute() and not allow_absolute) or (not p.is_absolute() and not _inside(base / p, base)):
             bad.append(("bad_path", dict(where, path=rel)))
@@ -120,7 +121,7 @@ def _rows_to_utterances(rows, src, name, base: Path, audio_col, text_col, bad, a
         path = p if p.is_absolute() else base / p
         utts.append(Utterance(
             id=f"{name}/{Path(rel).stem}", text=text, language=src.language, source=name, path=str(path),
-            speaker=str(row.get("client_id", row.get("speaker", ""))),
+            speaker=str(row.get("client_id", row.get("speaker", ""))), controls=controls,
         ))
     return utts
 
@@ -254,8 +255,9 @@ def read_hf(src: SourceConfig, split_expr: str, bad: list) -> list[Utterance]:
         _HF_TABLES[key] = ds.select_columns([audio_col])
         texts = ds[text_col]
         for i, text in enumerate(texts):
-            utts.append(Utterance(id=f"{name}/{split}/{i}", text=text if isinstance(text, str) else "",
-                                  language=src.language, source=name, table=key, row=i))
+            text, controls = strip_controls(text if isinstance(text, str) else "")
+            utts.append(Utterance(id=f"{name}/{split}/{i}", text=text, language=src.language, source=name,
+                                  table=key, row=i, controls=controls))
     return utts
 
 
@@ -278,8 +280,8 @@ def _hf_audio(utt: Utterance):
     raise AudioError(f"{utt.id}: no audio in row {utt.row}")
 
 
-def load_utterance_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
-    """Decoded mono audio of one utterance at `sample_rate`. (N,)"""
+def load_utterance_audio(utt: Utterance, sample_rate: int | None) -> torch.Tensor:
+    """Decoded mono audio of one utterance at `sample_rate` (None: as stored, without resampling). (N,)"""
     if not utt.table:
         return load_audio(utt.path, sample_rate)
     value = _hf_audio(utt)
@@ -287,7 +289,8 @@ def load_utterance_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
         from asr.audio import resample
 
         audio, sr = value
-        return resample(audio if audio.dim() == 1 else audio.mean(0), sr, sample_rate)
+        audio = audio if audio.dim() == 1 else audio.mean(0)
+        return audio if sample_rate is None else resample(audio, sr, sample_rate)
     return load_audio(value, sample_rate)
 
 
@@ -304,14 +307,33 @@ def _duration(utt: Utterance) -> float:
 # Filters and the data report.
 
 
+WHISPER_MIN_S = 0.1  # Whisper's shortest input: clips below it are too_short, whatever their label
+
+
 @dataclass
 class Labeler:
-    """What the filters need to know about the model: how text becomes label ids, and
-    (CTC) how many output frames a clip of n samples gives."""
+    """What the filters need to know about the model: how text becomes label ids, (CTC) how many
+    output frames a clip of n samples gives, and the fewest input samples it takes."""
 
     encode: Callable[[str, str], list[int]]  # (cleaned text, language) -> label ids
     max_tokens: int = 0  # labels longer than this are dropped (0: no limit)
     output_frames: Callable[[int], int] | None = None  # CTC: frames for n input samples
+    min_samples: int = 0  # shorter clips are dropped as too_short (CTC: the receptive field, see min_input_samples)
+
+
+def min_input_samples(output_frames: Callable[[int], int]) -> int:
+    """The fewest input samples for which `output_frames` (non-decreasing) gives one frame: a CTC
+    feature encoder's receptive field (400 samples for Wav2Vec2's 7 conv layers)."""
+    hi = 1
+    while output_frames(hi) < 1:
+        hi *= 2
+        if hi > 1 << 40:
+            raise ValueError("the model gives no output frame for any input length")
+    lo = hi // 2 + 1 if hi > 1 else 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if output_frames(mid) >= 1 else (mid + 1, hi)
+    return lo
 
 
 @dataclass
@@ -321,6 +343,8 @@ class SplitReport:
     kept_hours: float = 0.0
     dropped: dict = field(default_factory=Counter)
     examples: dict = field(default_factory=lambda: defaultdict(list))
+    controls: int = 0  # transcripts (kept or not) that had control characters taken out
+    control_examples: list = field(default_factory=list)
 
     def drop(self, reason: str, detail: dict, max_examples: int) -> None:
         self.dropped[reason] += 1
@@ -338,11 +362,19 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
     """Fill durations, cleaned text and labels; keep the utterances that pass every filter.
 
     Dropped ones are counted in `report` by reason: bad_row, bad_path, missing_file, undecodable,
-    empty_text, too_short, too_long, labels_too_long, ctc_infeasible.
+    empty_text, too_short (below data.min_duration_s or the model's `labeler.min_samples`), too_long,
+    labels_too_long, ctc_infeasible. Transcripts the readers took control characters out of are counted
+    in `report.controls` (a warning: the clip itself is kept).
     """
     report.total += len(utts) + len(bad_rows)
     for reason, detail in bad_rows:
         report.drop(reason, detail, cfg.report_examples)
+    for u in utts:
+        if u.controls:
+            report.controls += 1
+            if len(report.control_examples) < cfg.report_examples:
+                report.control_examples.append({"id": u.id, "chars": " ".join(f"U+{ord(c):04X}" for c in u.controls),
+                                                "text": u.text})
 
     def probe(u: Utterance):
         try:
@@ -369,6 +401,11 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
         if duration < cfg.min_duration_s:
             report.drop("too_short", dict(detail, duration=round(duration, 3)), cfg.report_examples)
             continue
+        if labeler is not None and round(duration * cfg.sample_rate) < labeler.min_samples:
+            report.drop("too_short", dict(detail, duration=round(duration, 3),
+                                          model_min_s=round(labeler.min_samples / cfg.sample_rate, 4)),
+                        cfg.report_examples)
+            continue
         if cfg.max_duration_s and duration > cfg.max_duration_s:
             report.drop("too_long", dict(detail, duration=round(duration, 3)), cfg.report_examples)
             continue
@@ -391,7 +428,9 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
 
 def write_report(reports: dict[str, SplitReport], path: str | Path) -> None:
     out = {name: {"total": r.total, "kept": r.kept, "kept_hours": round(r.kept_hours, 4),
-                  "dropped": dict(r.dropped), "examples": dict(r.examples)} for name, r in reports.items()}
+                  "dropped": dict(r.dropped), "examples": dict(r.examples),
+                  "control_chars": {"transcripts": r.controls, "examples": r.control_examples}}
+           for name, r in reports.items()}
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(out, ensure_ascii=False, indent=1), encoding="utf-8")
     tmp.replace(path)
@@ -402,7 +441,15 @@ def format_report(reports: dict[str, SplitReport]) -> str:
     for name, r in reports.items():
         dropped = ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())) or "none dropped"
         lines.append(f"{name}: kept {r.kept}/{r.total} ({r.kept_hours:.2f} h); {dropped}")
+        if r.controls:
+            lines.append(f"warning: {name}: {control_chars_line(r.controls, r.control_examples)}")
     return "\n".join(lines)
+
+
+def control_chars_line(n: int, examples: list) -> str:
+    """The warning for `n` transcripts that had control characters taken out (examples: filter_utterances')."""
+    ex = ", ".join(f"{e['id']} ({e['chars']})" for e in examples[:3])
+    return f"control characters taken out of {n} transcripts (tab/newline/CR became spaces), e.g. {ex}"
 
 
 def read_source_split(src: SourceConfig, split_expr: str) -> tuple[list[Utterance], list]:

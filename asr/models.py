@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from asr.audio import log_mel, lengths_to_mask, normalize_waveform
+from asr.audio import WHISPER_SAMPLE_RATE, log_mel, lengths_to_mask, normalize_waveform
 from asr.config import ModelConfig
-from asr.data import Labeler
+from asr.data import WHISPER_MIN_S, Labeler, min_input_samples
 
 
 class ModelError(Exception):
@@ -45,8 +45,10 @@ class Bundle:
     @property
     def labeler(self) -> Labeler:
         if self.family == "whisper":
-            return Labeler(encode=self.encode_whisper, max_tokens=self.model.config.max_target_positions)
-        return Labeler(encode=lambda text, lang: self.vocab.encode(text), output_frames=self.output_frames)
+            return Labeler(encode=self.encode_whisper, max_tokens=self.model.config.max_target_positions,
+                           min_samples=round(WHISPER_MIN_S * WHISPER_SAMPLE_RATE))
+        return Labeler(encode=lambda text, lang: self.vocab.encode(text), output_frames=self.output_frames,
+                       min_samples=min_input_samples(self.output_frames))
 
     # -- Whisper labels ----------------------------------------------------------------
     def whisper_language(self, language: str) -> str | None:

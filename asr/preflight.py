@@ -5,11 +5,14 @@
 `preflight(cfg)` reads each source's train, dev and test split expressions (those that are set) with
 asr.data's readers, takes durations from the audio file headers, and reports per split: clips, hours,
 speakers, duration and characters-per-second percentiles, chars/s outliers (likely misaligned or wrong
-transcripts), characters outside the training vocabulary; the overlap between the training splits and
-each evaluation split (identical sentences after script-aware normalising, shared speakers); label
-lengths (Whisper: tokens with the prefix and <|endoftext|>, against the 448 limit; CTC: output frames
-against labels plus repeats); and what the filters will drop, by reason. The drop counts come from
-asr.data.filter_utterances with a labeler built from the tokenizer or the model config alone
+transcripts), characters outside the training vocabulary, transcripts with control characters (taken
+out by the readers); the overlap between the training splits and each evaluation split (identical
+sentences after script-aware normalising, shared speakers); label lengths (Whisper: tokens with the
+prefix and <|endoftext|>, against the 448 limit; CTC: output frames against labels plus repeats); what
+the filters will drop, by reason; the clips of a decoded sample (`preflight.decode_sample` per split) that
+fail to decode, hold NaN/inf samples or are silent; and (CTC) the punctuation and symbols that would
+become vocabulary labels, with the `data.text.chars_to_ignore` value that removes them. The drop counts
+come from asr.data.filter_utterances with a labeler built from the tokenizer or the model config alone
 (`weightless_labeler`), so they are exactly those training writes to data_report.json.
 
 `format_preflight(result)` is a short table for the terminal; `write_preflight(result, out_dir)`
@@ -20,19 +23,25 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 import unicodedata
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from asr.config import Config, duplicate_source_names, eval_set_specs
-from asr.data import Labeler, SplitReport, Utterance, ctc_min_frames, filter_utterances, read_source_split, source_name
-from asr.text import PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, load_vocab, normalize
+from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
+from asr.config import Config, _toml_value, duplicate_source_names, eval_set_specs
+from asr.data import (WHISPER_MIN_S, Labeler, SplitReport, Utterance, control_chars_line, ctc_min_frames,
+                      filter_utterances, load_utterance_audio, min_input_samples, read_source_split, source_name)
+from asr.text import (PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, extend_chars_to_ignore,
+                      load_vocab, normalize)
 
 ROLES = ("train", "dev", "test")  # the split fields of a source; dev and test are evaluation splits
 PERCENTILES = (0, 5, 50, 95, 100)
 TEXT_CHARS = 120  # transcripts in examples are cut to this many characters
 READ_ERRORS = ("bad_row", "bad_path", "missing_file", "undecodable")  # rows that give no usable clip
+SILENT_DBFS = -60.0  # a decoded clip whose RMS level is below this (or all zeros) is silent
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,10 +127,13 @@ def weightless_labeler(cfg: Config, vocab=None) -> Labeler:
         max_tokens = int(mconf.max_target_positions)
         if max_tokens and cfg.data.max_label_tokens > 0:
             max_tokens = min(max_tokens, cfg.data.max_label_tokens)
-        return Labeler(encode=shell.encode_whisper, max_tokens=max_tokens)
+        return Labeler(encode=shell.encode_whisper, max_tokens=max_tokens,
+                       min_samples=round(WHISPER_MIN_S * WHISPER_SAMPLE_RATE))
     if vocab is None:
         raise ModelError("a CTC model needs a vocabulary")
-    return Labeler(encode=lambda text, lang: vocab.encode(text), output_frames=output_frames_fn(ctc_conv_layout(mcfg)))
+    frames = output_frames_fn(ctc_conv_layout(mcfg))
+    return Labeler(encode=lambda text, lang: vocab.encode(text), output_frames=frames,
+                   min_samples=min_input_samples(frames))
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,8 +188,47 @@ def _build_vocab(cfg: Config, train_texts: list[str]):
 # One split.
 
 
+def _decode_sample(utts: list[Utterance], cfg: Config, workers: int) -> dict | None:
+    """Decode the clips the filters keep, all of them up to preflight.decode_sample, else a random sample of
+    that many (seeded with run.seed), in a thread pool: which fail to decode (training drops them then),
+    hold NaN/inf samples (dropped too) or are silent (all zeros, or an RMS level below SILENT_DBFS)."""
+    n = cfg.preflight.decode_sample
+    if n <= 0:
+        return None
+    t0 = time.time()
+    total = len(utts)
+    if total > n:  # a seeded sample, in the split's order
+        utts = [utts[k] for k in sorted(random.Random(cfg.run.seed).sample(range(total), n))]
+
+    def check(u: Utterance):
+        try:
+            audio = load_utterance_audio(u, None)  # (N,) at the stored rate: twice as fast, the same findings
+        except NonFiniteAudio as e:
+            return "non_finite", {"id": u.id, "detail": str(e)}
+        except Exception as e:  # AudioError, or whatever a third-party decoder raises: training drops it
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return "undecodable", {"id": u.id, "detail": msg}
+        if not bool(audio.isfinite().all()):  # a Hugging Face table's decoded array
+            return "non_finite", {"id": u.id, "detail": "audio contains NaN or infinite samples"}
+        rms = float(audio.double().pow(2).mean().sqrt()) if audio.numel() else 0.0
+        dbfs = 20 * math.log10(rms) if rms > 0 else -math.inf
+        if dbfs < SILENT_DBFS:
+            return "silent", {"id": u.id, "dbfs": None if rms == 0 else round(dbfs, 1)}  # None: all zeros
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        found = list(pool.map(check, utts))
+    out = {"decoded": len(utts), "of": total, "sampled": len(utts) < total}
+    for kind in ("undecodable", "non_finite", "silent"):
+        hits = [f[1] for f in found if f is not None and f[0] == kind]
+        out[kind] = {"count": len(hits), "examples": hits[: cfg.preflight.examples]}
+    out["time_s"] = round(time.time() - t0, 3)
+    return out
+
+
 def _split_stats(utts: list[Utterance], bad: list, report: SplitReport, cfg: Config, family: str | None,
-                 labeler: Labeler | None, train_chars: set[str] | None) -> dict:
+                 labeler: Labeler | None, train_chars: set[str] | None, kept: list[Utterance],
+                 workers: int) -> dict:
     pc = cfg.preflight
     readable = [u for u in utts if u.duration > 0]  # filter_utterances fills durations of readable clips only
     durations = [u.duration for u in readable]
@@ -257,6 +308,8 @@ def _split_stats(utts: list[Utterance], bad: list, report: SplitReport, cfg: Con
     # What the filters drop: the same counts as data_report.json.
     out["filter"] = {"total": report.total, "kept": report.kept, "kept_hours": round(report.kept_hours, 4),
                      "dropped": dict(report.dropped), "examples": {k: list(v) for k, v in report.examples.items()}}
+    out["control_chars"] = {"transcripts": report.controls, "examples": list(report.control_examples)}
+    out["decode"] = _decode_sample(kept, cfg, workers)
     return out
 
 
@@ -307,7 +360,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
     t0 = time.time()
     errors: list[str] = []
     result: dict = {"model": cfg.model.name, "family": None, "eval_split": cfg.eval.split, "vocab": None,
-                    "splits": {}, "overlap": {}, "warnings": [], "errors": errors}
+                    "punctuation": None, "splits": {}, "overlap": {}, "warnings": [], "errors": errors}
 
     # Read each distinct (source, expression) once.
     names = [source_name(s) for s in cfg.data.sources]
@@ -356,6 +409,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
         if vocab is not None:
             train_chars = _vocab_chars(vocab)
             result["vocab"] = {"kind": vocab.kind, "size": len(vocab), "from": origin}
+            result["punctuation"] = _punctuation(train_texts, cfg)
         else:
             errors.append("no training transcripts to build a CTC vocabulary from")
     elif train_texts:
@@ -379,8 +433,8 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
         if (i, expr) not in done:
             utts, bad = reads[i, expr]
             report = SplitReport()
-            filter_utterances(utts, bad, cfg.data, labeler, report, workers=workers)
-            done[i, expr] = _split_stats(utts, bad, report, cfg, family, labeler, train_chars)
+            kept = filter_utterances(utts, bad, cfg.data, labeler, report, workers=workers)
+            done[i, expr] = _split_stats(utts, bad, report, cfg, family, labeler, train_chars, kept, workers)
         result["splits"][label] = dict(done[i, expr], source=names[i], role=role, expr=expr)
 
     # Overlap of each evaluation split with all the training splits (training mixes them).
@@ -388,15 +442,37 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
         if role != "train" and train_utts:
             result["overlap"][label] = _overlap(train_utts, reads[i, expr][0], cfg.preflight.examples)
 
+    for label, s in result["splits"].items():  # every clip decoded failed: nothing to train or score on
+        d = s["decode"]
+        if d and d["decoded"] and d["undecodable"]["count"] + d["non_finite"]["count"] == d["decoded"]:
+            ex = (d["undecodable"]["examples"] + d["non_finite"]["examples"])[0]
+            errors.append(f"{label}: all {d['decoded']} clips decoded failed "
+                          f"({d['undecodable']['count']} undecodable, {d['non_finite']['count']} NaN/inf), "
+                          f"e.g. {ex['detail']}")
     result["warnings"] = [f"{m} (not used by this run)" for m in unused_missing] + _warnings(result)
     result["time_s"] = round(time.time() - t0, 3)
     return result
+
+
+def _punctuation(train_texts: list[str], cfg: Config) -> dict:
+    """Punctuation and symbols (Unicode P*, S*) left in the cleaned training transcripts, which a CTC
+    vocabulary makes labels of: their counts and the chars_to_ignore value that would remove them."""
+    counts = Counter(c for t in train_texts for c in t if unicodedata.category(c)[0] in "PS")
+    current = cfg.data.text.chars_to_ignore
+    value = extend_chars_to_ignore(current, "".join(sorted(counts))) if counts else current
+    return {"chars": dict(counts.most_common()),
+            "chars_to_ignore": f"chars_to_ignore = {_toml_value(value)}" if counts else None}
 
 
 def _warnings(result: dict) -> list[str]:
     lines = []
     if result["eval_split"] == "train":
         lines.append("eval.split is \"train\": evaluation during training scores the training clips themselves")
+    punct = result["punctuation"]
+    if punct and punct["chars"]:
+        chars = " ".join(f"{show_char(c)} x{n}" for c, n in punct["chars"].items())
+        lines.append(f"training transcripts keep punctuation or symbols that become CTC labels: {chars}; to remove "
+                     f"them, put under [data.text]: {punct['chars_to_ignore']}")
     for label, s in result["splits"].items():
         drop = s["filter"]["dropped"]
         if drop:
@@ -407,6 +483,20 @@ def _warnings(result: dict) -> list[str]:
             lines.append(f"{label}: {s['cps_outliers']['count']} clips with chars/s more than {s['cps_outliers']['factor']:g}x "
                          f"above or below the median (likely misaligned or wrong transcripts), e.g. {ex['id']} "
                          f"{ex['duration']} s {ex['chars_per_s']} chars/s ({ex['x_median']}x the median)")
+        if s["control_chars"]["transcripts"]:
+            cc = s["control_chars"]
+            lines.append(f"{label}: {control_chars_line(cc['transcripts'], cc['examples'])}")
+        d = s["decode"]
+        if d and (d["undecodable"]["count"] or d["non_finite"]["count"]):
+            ex = (d["undecodable"]["examples"] + d["non_finite"]["examples"])[:3]
+            lines.append(f"{label}: of {d['decoded']} clips decoded, {d['undecodable']['count']} fail to decode and "
+                         f"{d['non_finite']['count']} hold NaN or infinite samples (training drops them), e.g. "
+                         + "; ".join(e["detail"] for e in ex))
+        if d and d["silent"]["count"]:
+            ex = ", ".join(f"{e['id']} ({'all zeros' if e['dbfs'] is None else str(e['dbfs']) + ' dBFS'})"
+                           for e in d["silent"]["examples"][:3])
+            lines.append(f"{label}: {d['silent']['count']} of {d['decoded']} clips decoded are silent (all zeros or "
+                         f"below {SILENT_DBFS:g} dBFS RMS), e.g. {ex}")
         if s["oov"] and s["oov"]["clips"]:
             chars = " ".join(f"{show_char(c)} x{n}" for c, n in list(s["oov"]["chars"].items())[:10])
             lines.append(f"{label}: {s['oov']['clips']} clips with characters outside the training vocabulary: {chars}")
@@ -451,7 +541,7 @@ def format_preflight(result: dict) -> str:
         head += f", {result['frame_rate_hz']:g} frames/s"
     head += f"; {result.get('time_s', 0):.1f} s"
     cols = ["split", "clips", "hours", "spk", "dur s p0/p5/p50/p95/p100", "chars/s p5/p50/p95", "out", "oov (clips)",
-            "labels", "kept/total", "dropped"]
+            "labels", "kept/total", "dropped", "decoded: bad/silent"]
     rows = []
     for label, s in result["splits"].items():
         lab = s["labels"]
@@ -465,11 +555,13 @@ def format_preflight(result: dict) -> str:
         if s["oov"] and s["oov"]["clips"]:
             chars = " ".join(show_char(c) for c in list(s["oov"]["chars"])[:8])
             oov = f"{chars} ({s['oov']['clips']} clips)"
-        drop = s["filter"]["dropped"]
+        drop, d = s["filter"]["dropped"], s["decode"]
+        decoded = "-" if d is None else (f"{d['decoded']}: {d['undecodable']['count'] + d['non_finite']['count']}"
+                                         f"/{d['silent']['count']}")
         rows.append([label, str(s["clips"]), f"{s['hours']:.3f}", str(s["speakers"]),
                      _fmt(s["duration_s"], ("p0", "p5", "p50", "p95", "p100")), _fmt(s["chars_per_s"]),
                      str(s["cps_outliers"]["count"]), oov, labels, f"{s['filter']['kept']}/{s['filter']['total']}",
-                     ", ".join(f"{k} {v}" for k, v in sorted(drop.items())) or "-"])
+                     ", ".join(f"{k} {v}" for k, v in sorted(drop.items())) or "-", decoded])
     widths = [max(len(r[k]) for r in [cols] + rows) for k in range(len(cols))]
     lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -22,12 +22,32 @@ def lower(text: str, language: str = "") -> str:
     return text.lower()
 
 
+def strip_controls(text: str) -> tuple[str, str]:
+    """(`text` without control characters, the distinct characters taken out, in order of appearance).
+
+    Control characters (Unicode Cc: C0, DEL, C1) and lone surrogates (Cs, which a JSON string can hold
+    as "\\ud800" and UTF-8 cannot write) are removed; tab, newline and carriage return, which a JSON
+    string or a quoted CSV cell can hold between words, become spaces (and are reported too)."""
+    if text.isprintable():  # no Cc/Cs (nor other invisibles): the common case
+        return text, ""
+    out, removed = [], {}
+    for c in text:
+        if unicodedata.category(c) in ("Cc", "Cs"):
+            removed[c] = None
+            if c in "\t\n\r":
+                out.append(" ")
+            continue
+        out.append(c)
+    return "".join(out), "".join(removed)
+
+
 def clean_transcript(text: str, cfg, language: str = "") -> str:
-    """Training-side cleaning from `data.text` (a TextConfig): replacements, case, removed characters.
+    """Training-side cleaning from `data.text` (a TextConfig): control characters (`strip_controls`),
+    replacements, case, removed characters.
 
     With `lowercase`, the replacement table is applied again after lower-casing, so {"â" = "a"} also
     covers "Â" (and a table entry for an upper-case letter still sees it before lower-casing)."""
-    text = unicodedata.normalize("NFC", text)
+    text = unicodedata.normalize("NFC", strip_controls(text)[0])
     text = _replace(text, cfg.replace)
     if cfg.lowercase:
         text = _replace(lower(text, language), cfg.replace)
@@ -50,6 +70,22 @@ def _ignore_pattern(chars: str) -> str:
     if chars.startswith("[") or "\\" in chars or "|" in chars:
         return chars
     return "[" + re.escape(chars) + "]"
+
+
+def extend_chars_to_ignore(current: str, chars: str) -> str:
+    """A `data.text.chars_to_ignore` value that removes what `current` removes and every character of `chars`:
+    a bare list stays one where it can, a single character class gets them added, another regex becomes
+    `(?:current)|[chars]`."""
+    new = "".join(dict.fromkeys(chars))
+    if not new:
+        return current
+    if not current or _ignore_pattern(current) != current:  # empty or a bare list of characters
+        merged = "".join(dict.fromkeys(current + new))
+        return merged if _ignore_pattern(merged) != merged else "[" + re.escape(merged) + "]"
+    m = re.fullmatch(r"\[((?:\\.|[^\\\]])+)\]", current)
+    if m and not m.group(1).startswith("^"):
+        return "[" + m.group(1) + re.escape(new) + "]"
+    return f"(?:{current})|[{re.escape(new)}]"
 
 
 # ---------------------------------------------------------------------------------------

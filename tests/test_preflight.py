@@ -397,6 +397,8 @@ def test_ctc_output_frames_equal_the_model(tmp_path, conv):
         assert labeler.output_frames(n) == real.output_frames(n), n
     assert labeler.encode("abc fed", "tr") == real.encode("abc fed", "tr")
     assert labeler.max_tokens == real.max_tokens == 0
+    assert labeler.min_samples == real.min_samples  # the receptive field: too_short below it
+    assert real.output_frames(real.min_samples) == 1 and real.output_frames(real.min_samples - 1) < 1
 
 
 def test_ctc_output_frames_of_a_named_config_with_adapter_and_a_pretrained_model(tmp_path):
@@ -417,6 +419,7 @@ def test_ctc_output_frames_of_a_named_config_with_adapter_and_a_pretrained_model
     assert real.model.config.add_adapter
     for n in _samples():
         assert labeler.output_frames(n) == real.output_frames(n), n
+    assert labeler.min_samples == real.labeler.min_samples
     # A pretrained model keeps its own conv layout: the scratch size fields do not apply to it.
     real.model.save_pretrained(tmp_path / "pretrained")
     cfg.model = ModelConfig(init="pretrained", name=str(tmp_path / "pretrained"), conv_kernel=[2, 2, 2],
@@ -462,6 +465,7 @@ def test_whisper_encode_equals_the_bundle(tmp_path):
 def test_shared_corpus_timing(tmp_path, capsys):
     sources = [cv(SYNTH_TR, train="train", dev="dev", test="test")]
     configs = {"ctc": ctc_config(tmp_path / "ctc", *sources)}
+    configs["ctc"].preflight.decode_sample = 0  # headers only; the Whisper run decodes every clip
     if (WHISPER_BASE / "tokenizer.json").is_file():
         configs["whisper"] = Config(run=RunConfig(out_dir=str(tmp_path / "whisper")),
                                     data=DataConfig(sources=sources), model=ModelConfig(name=str(WHISPER_BASE)))
@@ -478,6 +482,15 @@ def test_shared_corpus_timing(tmp_path, capsys):
         assert result["overlap"]["tr/test"]["speakers"]["shared"] == 0
         assert result["overlap"]["tr/dev"]["speakers"]["shared"] > 0
         assert 1.1 < result["splits"]["tr/train"]["hours"] < 1.3
+        decoded = [result["splits"][f"tr/{s}"]["decode"] for s in ("train", "dev", "test")]
+        if name == "whisper":
+            assert [d["decoded"] for d in decoded] == [1200, 150, 150]
+            assert not any(d[k]["count"] for d in decoded for k in ("undecodable", "non_finite", "silent"))
+            with capsys.disabled():
+                print(f"decoding all {sum(d['decoded'] for d in decoded)} clips: "
+                      f"{sum(d['time_s'] for d in decoded):.2f} s")
+        else:
+            assert decoded == [None] * 3
 
 
 def test_evaluating_on_the_training_split_is_a_warning(tmp_path):
