@@ -26,9 +26,9 @@ import sys
 import tomllib
 from pathlib import Path
 
-import jiwer
 import numpy as np
 
+from asr.metrics import utterance_counts_all
 from asr.text import NORMALIZERS
 
 
@@ -41,21 +41,10 @@ class CompareError(Exception):
 
 
 def _counts(refs: list[str], hyps: list[str], unit: str) -> tuple[np.ndarray, np.ndarray]:
-    # The rule of asr.metrics._error_rate, per utterance: an empty reference counts its hypothesis's
-    # words (characters) as insertions; the others are aligned by jiwer.
-    errors, lengths = np.zeros(len(refs), np.int64), np.zeros(len(refs), np.int64)
-    keep = [i for i, r in enumerate(refs) if r.strip()]
-    for i, (r, h) in enumerate(zip(refs, hyps)):
-        if not r.strip():
-            errors[i] = len(h.split()) if unit == "word" else len(h.strip())
-    if keep:
-        fn = jiwer.process_words if unit == "word" else jiwer.process_characters
-        out = fn([refs[i] for i in keep], [hyps[i] for i in keep])
-        for i, ref, chunks in zip(keep, out.references, out.alignments):
-            lengths[i] = len(ref)
-            errors[i] = sum(max(c.ref_end_idx - c.ref_start_idx, c.hyp_end_idx - c.hyp_start_idx)
-                            for c in chunks if c.type != "equal")
-    return errors, lengths
+    counts = utterance_counts_all(refs, hyps, unit)
+    length = "ref_words" if unit == "word" else "ref_chars"
+    errors = [c["substitutions"] + c["deletions"] + c["insertions"] for c in counts]
+    return np.array(errors, dtype=np.int64), np.array([c[length] for c in counts], dtype=np.int64)
 
 
 def utterance_errors(refs: list[str], hyps: list[str], normalizer: str = "script",

@@ -128,12 +128,13 @@ def _counts(pairs: list[tuple], length: str = "ref_words") -> dict:
     return {"substitutions": s, "deletions": d, "insertions": i, "hits": n - s - d, length: n}
 
 
-def utterance_counts_all(refs: list[str], hyps: list[str]) -> list[dict]:
+def utterance_counts_all(refs: list[str], hyps: list[str], unit: str = "word") -> list[dict]:
     """Per utterance (normalised text, words split on whitespace): substitutions, deletions, insertions,
     hits, ref_words, from one jiwer.process_words call, so they sum exactly to the totals behind
-    error_rates' wer; an empty reference counts its hypothesis words as insertions."""
+    error_rates' wer; an empty reference counts its hypothesis words as insertions. With unit "char", the
+    same over characters (ref_chars), as behind error_rates' cer."""
     _check_lengths(refs=refs, hyps=hyps)
-    return [_counts(p) for p in _align(refs, hyps, "word")]
+    return [_counts(p, "ref_words" if unit == "word" else "ref_chars") for p in _align(refs, hyps, unit)]
 
 
 def utterance_counts(ref: str, hyp: str) -> dict:
