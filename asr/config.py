@@ -91,6 +91,8 @@ class DataConfig:
     sp_model_type: str = "unigram"  # unigram | bpe
     sp_vocab_size: int = 128
     report_examples: int = 5  # offending rows kept per reason in data_report.json
+    # Training stops when more than this share of an epoch's clips fail to decode (0: any failure stops it).
+    max_failed_fraction: float = 0.05
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -419,6 +421,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("preflight.cps_outlier_factor: must be greater than 1")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
+    if not 0.0 <= cfg.data.max_failed_fraction <= 1.0:
+        raise ConfigError("data.max_failed_fraction: must be between 0 and 1")
     if "" in cfg.data.text.replace:
         raise ConfigError("data.text.replace: an empty key would insert its value between every character")
     if cfg.data.text.chars_to_ignore:

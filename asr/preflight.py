@@ -18,13 +18,13 @@ writes <out_dir>/preflight.json.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
+from asr.checkpoint import json_text
 from asr.config import Config, duplicate_source_names, eval_set_specs
 from asr.data import Labeler, SplitReport, Utterance, ctc_min_frames, filter_utterances, read_source_split, source_name
 from asr.text import PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, load_vocab, normalize
@@ -498,6 +498,6 @@ def write_preflight(result: dict, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "preflight.json"
     tmp = out_dir / "preflight.json.tmp"
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.write_text(json_text(result), encoding="utf-8")
     tmp.replace(path)
     return path
