@@ -215,7 +215,7 @@ class FailedClips:
             raise TrainingError(
                 f"{len(self.failed)} of {total} training clips failed to decode in epoch {self.epoch + 1}, more "
                 f"than data.max_failed_fraction = {fraction} allows, e.g. {examples}; stopping (last good "
-                f"checkpoint: {ckpt.latest_checkpoint(ck_dir)}; see {self.out / 'data_report.json'})")
+                f"checkpoint: {ckpt.latest_checkpoint(ck_dir) or 'none yet'}; see {self.out / 'data_report.json'})")
 
 
 def evaluate_sets(bundle, data, cfg: Config, device, loss_name: str, autocast, step: int, state: RunState, out: Path,
