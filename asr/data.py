@@ -288,6 +288,8 @@ def load_utterance_audio(utt: Utterance, sample_rate: int) -> torch.Tensor:
         from asr.audio import resample
 
         audio, sr = value
+        if not torch.isfinite(audio).all():  # as load_audio does for files
+            raise AudioError(f"{utt.id}: audio contains NaN or infinite samples")
         return resample(audio if audio.dim() == 1 else audio.mean(0), sr, sample_rate)
     return load_audio(value, sample_rate)
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -365,3 +366,82 @@ def test_disk_full_while_writing_an_evaluation(tmp_path, monkeypatch, capsys, ch
     assert read_json(out / "results.json")["steps"] == 6
     log = (out / "train.log").read_text(encoding="utf-8")
     assert f"resumed from {out / 'checkpoints' / ('step-000004' if checkpoint_fits else 'step-000002')}" in log
+
+
+# ---------------------------------------------------------------------------------------
+# Two ranks: the failures are counted over both, so both stop at the same step.
+
+
+def test_two_ranks_stop_together_when_a_clip_of_one_rank_fails(tmp_path):
+    """One NaN clip of 32 and data.max_failed_fraction = 0 under torchrun: only the rank whose share holds
+    the clip sees it fail; the count is summed over ranks, so both stop with the same line (a rank stopping
+    alone would leave the other waiting in its next collective)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    corpus = tmp_path / "cv"
+    shutil.copytree(FIXTURE, corpus, ignore=shutil.ignore_patterns("clips"))
+    (corpus / "clips").mkdir()
+    for clip in (FIXTURE / "clips").iterdir():
+        (corpus / "clips" / clip.name).symlink_to(clip)
+    lines = (corpus / "train.tsv").read_text(encoding="utf-8").splitlines()
+    cells = lines[10].split("\t")
+    victim = "tr/" + Path(cells[1]).stem
+    duration = audio_info(FIXTURE / "clips" / cells[1])[0]
+    cells[1] = Path(cells[1]).stem + ".wav"
+    sf.write(corpus / "clips" / cells[1], np.full(int(duration * 16000), np.nan, dtype=np.float32), 16000,
+             subtype="FLOAT")
+    lines[10] = "\t".join(cells)
+    (corpus / "train.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = config(out, corpus, max_steps=8, save_every=0)
+    cfg.eval.at_start = False
+    cfg.data.batch_size = 4  # per rank: a global batch of 8, 4 per rank
+    cfg.data.max_failed_fraction = 0.0
+    exp = write_exp(cfg, tmp_path / "exp.toml")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    logs = tmp_path / "logs"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             f"--log-dir={logs}", "--redirects=3", "run.py", "--exp", str(exp)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=180)  # a rank that stopped alone would leave the other waiting: no end
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its ranks
+            proc.wait()
+    assert rc != 0
+    errors = []
+    for rank in (0, 1):
+        (path,) = logs.rglob(f"attempt_0/{rank}/stderr.log")
+        lines = [line for line in path.read_text().splitlines() if line.startswith("error: ")]
+        errors.append(lines)
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    assert errors[0][0].startswith(f"error: 1 of 32 training clips failed to decode in epoch 1, more than "
+                                   f"data.max_failed_fraction = 0.0 allows, e.g. {victim} (")
+    assert not (out / "final").exists() and not (out / "results.json").exists()
+
+
+def test_decoded_arrays_of_nan_from_a_table_fail_like_files(monkeypatch):
+    """A Hugging Face table holding decoded samples (not file bytes): NaN samples fail the clip, as a
+    file's do in asr.audio.load_audio."""
+    from asr import data
+    from asr.audio import AudioError
+
+    class Table:
+        column_names = ["audio"]
+
+        def __getitem__(self, row):
+            return {"audio": {"array": [0.1, float("nan")] * 800 if row else [0.1, -0.1] * 800,
+                              "sampling_rate": 16000}}
+
+    monkeypatch.setitem(data._HF_TABLES, "t:train", Table())
+    good, bad = (data.Utterance(id=f"t/train/{i}", text="x", language="tr", source="t", table="t:train", row=i)
+                 for i in (0, 1))
+    assert data.load_utterance_audio(good, 16000).shape == (1600,)
+    with pytest.raises(AudioError, match=r"^t/train/1: audio contains NaN or infinite samples$"):
+        data.load_utterance_audio(bad, 16000)
