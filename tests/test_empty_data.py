@@ -24,7 +24,7 @@ from asr import checkpoint as ckpt
 from asr.audio import audio_info
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import FIXTURE, read_json, tiny_ctc_config, write_exp
+from helpers import FIXTURE, read_json, scalars, tiny_ctc_config, write_exp
 
 
 def reject(name):
@@ -251,6 +251,7 @@ def test_an_evaluation_of_no_decoded_clip_is_never_the_best(tmp_path, monkeypatc
     assert "eval tr step 2: no utterance could be decoded (8 failed); no scores, not a best" in log
     assert not re.search(r"new best wer \S+ at step 2$", log, re.M)
     assert read_json(out / "data_report.json")["tr/dev"]["decode_failed"] == 8
+    assert [s for s, _ in scalars(out)["eval/tr/wer"]] == [0, 4]
     assert_strict_json(out)
 
 
