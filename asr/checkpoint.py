@@ -13,6 +13,8 @@ back); a failed write (disk full) raises CheckpointError naming the folder and l
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 import re
@@ -208,6 +210,51 @@ def io_error_reason(e: BaseException) -> str | None:
             return os.strerror(int(m.group(1)))
         e = e.__cause__ or e.__context__
     return None
+
+
+def finite_json(obj):
+    """`obj` with every non-finite float (NaN, inf) replaced by None, in nested dicts, lists and tuples."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def json_text(obj, indent: int | None = 1) -> str:
+    """Strict JSON of `obj` (what every JSON file of a run is written with): non-finite floats become null,
+    never the bare NaN/Infinity that Python writes and other JSON readers reject."""
+    return json.dumps(finite_json(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def write_files(files: dict[Path, bytes | str]) -> None:
+    """Write each file atomically (a temporary file beside it, then a rename), all renamed only once all
+    were written: a failure leaves every file as it was and no temporary file behind. A write that fails
+    for a reason of the operating system (disk full) raises CheckpointError naming the file."""
+    tmps: dict[Path, Path] = {}
+    path = None
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tmps[path] = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    except Exception as e:
+        for tmp in tmps.values():
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        reason = io_error_reason(e)
+        if reason is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {reason}") from None
 
 
 def write_folder(folder: Path, write) -> None:

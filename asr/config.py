@@ -91,6 +91,8 @@ class DataConfig:
     sp_model_type: str = "unigram"  # unigram | bpe
     sp_vocab_size: int = 128
     report_examples: int = 5  # offending rows kept per reason in data_report.json
+    # Training stops when more than this share of an epoch's clips fail to decode (0: any failure stops it).
+    max_failed_fraction: float = 0.05
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -447,6 +449,7 @@ RANGES = {
     "data.num_workers": "[0, inf)",
     "data.sp_vocab_size": "[4, inf)",
     "data.report_examples": "[0, inf)",
+    "data.max_failed_fraction": "[0, 1]",
     "model.hidden_size": "[0, inf)",  # 0 keeps the base config's size
     "model.num_layers": "[0, inf)",
     "model.num_heads": "[0, inf)",

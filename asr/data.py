@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from asr.audio import AudioError, audio_info, load_audio
+from asr.checkpoint import json_text, write_files
 from asr.config import DataConfig, SourceConfig, source_name  # noqa: F401 (source_name re-exported)
 from asr.text import clean_transcript, strip_controls
 
@@ -289,6 +290,8 @@ def load_utterance_audio(utt: Utterance, sample_rate: int | None) -> torch.Tenso
         from asr.audio import resample
 
         audio, sr = value
+        if not torch.isfinite(audio).all():  # as load_audio does for files
+            raise AudioError(f"{utt.id}: audio contains NaN or infinite samples")
         audio = audio if audio.dim() == 1 else audio.mean(0)
         return audio if sample_rate is None else resample(audio, sr, sample_rate)
     return load_audio(value, sample_rate)
@@ -346,10 +349,34 @@ class SplitReport:
     controls: int = 0  # transcripts (kept or not) that had control characters taken out
     control_examples: list = field(default_factory=list)
 
+    failed: dict = field(default_factory=dict)  # id -> error of kept clips that failed to decode when loaded
+    failed_reasons: dict = field(default_factory=Counter)
+
     def drop(self, reason: str, detail: dict, max_examples: int) -> None:
         self.dropped[reason] += 1
         if len(self.examples[reason]) < max_examples:
             self.examples[reason].append(detail)
+
+    def decode_failed(self, utt: Utterance, error: str, max_examples: int) -> bool:
+        """Count a kept clip that the loader could not decode (training or evaluation), once: it moves from
+        `kept` to dropped reason `decode_failed`. Returns whether it was new."""
+        if utt.id in self.failed:
+            return False
+        self.failed[utt.id] = error
+        self.kept -= 1
+        self.kept_hours = max(0.0, self.kept_hours - utt.duration / 3600)
+        self.failed_reasons[decode_reason(utt, error)] += 1
+        detail = {"id": utt.id, "path": utt.path} if utt.path else {"id": utt.id}
+        self.drop("decode_failed", dict(detail, detail=error), max_examples)
+        return True
+
+
+def decode_reason(utt: Utterance, error: str) -> str:
+    """An error message without the file name it starts with: what failed ("audio contains NaN ...")."""
+    for name in (utt.path, "<bytes>", utt.id):
+        if name and error.startswith(name + ": "):
+            return error[len(name) + 2 :]
+    return error
 
 
 def ctc_min_frames(labels: list[int]) -> int:
@@ -427,13 +454,14 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
 
 
 def write_report(reports: dict[str, SplitReport], path: str | Path) -> None:
+    """data_report.json: per split the clips read, kept and dropped by reason, with examples; `decode_failed`
+    counts kept clips that the loader then could not decode, by reason in `decode_failed_reasons`."""
     out = {name: {"total": r.total, "kept": r.kept, "kept_hours": round(r.kept_hours, 4),
-                  "dropped": dict(r.dropped), "examples": dict(r.examples),
+                  "dropped": dict(r.dropped), "examples": dict(r.examples), "decode_failed": len(r.failed),
+                  "decode_failed_reasons": dict(r.failed_reasons),
                   "control_chars": {"transcripts": r.controls, "examples": r.control_examples}}
            for name, r in reports.items()}
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(out, ensure_ascii=False, indent=1), encoding="utf-8")
-    tmp.replace(path)
+    write_files({Path(path): json_text(out)})
 
 
 def format_report(reports: dict[str, SplitReport]) -> str:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import functools
-import json
-import math
+import io
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
+from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.data import AudioDataset, Utterance, collate
 from asr.decode import ctc_decode, whisper_generate
@@ -28,12 +28,15 @@ def eval_batches(utts: list[Utterance], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocast=nullcontext) -> tuple[dict, list]:
+def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocast=nullcontext,
+             failures: list | None = None) -> tuple[dict, list]:
     """Decode `utts` with `cfg.decode` and score them. Returns (metrics, rows of (id, reference, hypothesis)).
 
     Metrics: wer, cer (normalised with cfg.eval.normalizer in each utterance's language), wer_ortho,
     cer_ortho (percent), loss (teacher-forced), n, failed (clips that could not be decoded), and the
-    hallucination signals of asr.metrics.hallucination_metrics on the normalised text.
+    hallucination signals of asr.metrics.hallucination_metrics on the normalised text; with n = 0 (every
+    clip failed) the scores and the loss are None, never 0 or NaN. Given `failures`, the (id, error) of
+    each clip that failed to decode is appended to it.
     Evaluation is sharded over ranks and gathered; every rank gets the same result.
     """
     model = bundle.model
@@ -80,8 +83,10 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_name: str, autocas
     langs = [language.get(r[0], "") for r in scored]
     refs, hyps = [r[1] for r in scored], [r[2] for r in scored]
     metrics = error_rates(refs, hyps, cfg.eval.normalizer, langs)
-    metrics["loss"] = loss_sum / loss_n if loss_n else math.nan
+    metrics["loss"] = loss_sum / loss_n if loss_n else None
     metrics["failed"] = len(rows) - len(scored)
+    if failures is not None:
+        failures += [(r[0], r[3]) for r in rows if r[3] is not None]
     norm = NORMALIZERS[cfg.eval.normalizer]
     metrics.update(hallucination_metrics([norm(r, lang) for r, lang in zip(refs, langs)],
                                          [norm(h, lang) for h, lang in zip(hyps, langs)]))
@@ -102,17 +107,18 @@ def worst_rows(rows: list, n: int, normalizer: str, languages: dict) -> list:
 def write_eval(folder: Path, stem: str, metrics: dict, rows: list, extra: dict | None = None,
                worst: list | None = None) -> None:
     """`folder/stem.json` (metrics), `folder/stem.tsv` (id, reference, hypothesis) and, given `worst`,
-    `folder/stem.worst.tsv` (id, reference, hypothesis, wer)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{stem}.json").write_text(json.dumps({**metrics, **(extra or {})}, indent=1, ensure_ascii=False),
-                                         encoding="utf-8")
-    _write_tsv(folder / f"{stem}.tsv", ["id", "reference", "hypothesis"], rows)
+    `folder/stem.worst.tsv` (id, reference, hypothesis, wer), written atomically together: a failed write
+    (disk full) is a CheckpointError naming the file and leaves none of them half-written."""
+    files = {folder / f"{stem}.json": ckpt.json_text({**metrics, **(extra or {})}),
+             folder / f"{stem}.tsv": _tsv(["id", "reference", "hypothesis"], rows)}
     if worst is not None:
-        _write_tsv(folder / f"{stem}.worst.tsv", ["id", "reference", "hypothesis", "wer"], worst)
+        files[folder / f"{stem}.worst.tsv"] = _tsv(["id", "reference", "hypothesis", "wer"], worst)
+    ckpt.write_files(files)
 
 
-def _write_tsv(path: Path, header: list[str], rows: list) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as f:
-        w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(rows)
+def _tsv(header: list[str], rows: list) -> str:
+    f = io.StringIO(newline="")
+    w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return f.getvalue()

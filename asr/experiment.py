@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import random
 import shutil
@@ -24,8 +23,8 @@ from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, ConfigError, check_methods, duplicate_source_names, eval_set_specs, to_toml
-from asr.data import (SplitReport, Utterance, filter_utterances, format_report, read_source_split, source_name,
-                      write_report)
+from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
+                      source_name, write_report)
 from asr.models import Bundle, build, export, infer_family
 from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
 
@@ -251,6 +250,12 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
     if dist.is_main():
         write_report(reports, out_dir / "data_report.json")
     log(format_report(reports))
+    for set_name, src, split in eval_set_specs(cfg):
+        if not eval_sets[set_name]:  # it would score 0 utterances as WER 0 and make any model the best
+            r = reports[f"{src}/{split}"]
+            why = ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())) or "no rows"
+            raise DataError(f"evaluation set '{set_name}' ({src}/{split}): no utterance left after filtering "
+                            f"({r.total} read: {why}; see {out_dir / 'data_report.json'})")
     return bundle, Data(train, eval_sets, reports)
 
 
@@ -277,7 +282,7 @@ def export_to(bundle: Bundle, folder: Path, info: dict) -> None:
 
     def write(tmp: Path) -> None:
         export(bundle, tmp)
-        (tmp / EXPORT_INFO).write_text(json.dumps(info))
+        (tmp / EXPORT_INFO).write_text(ckpt.json_text(info, indent=None), encoding="utf-8")
 
     ckpt.write_folder(folder, write)
 

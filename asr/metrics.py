@@ -32,7 +32,9 @@ def _error_rate(refs: list[str], hyps: list[str], unit: str) -> tuple[int, int, 
 def error_rates(refs: list[str], hyps: list[str], normalizer: str = "script", languages: list[str] | None = None
                 ) -> dict:
     """Corpus WER/CER in percent: `wer`, `cer` after normalising both sides (per utterance language),
-    `wer_ortho`, `cer_ortho` as written; `n` utterances."""
+    `wer_ortho`, `cer_ortho` as written; `n` utterances. Of no utterance at all, the rates are None."""
+    if not refs:
+        return {"wer": None, "cer": None, "wer_ortho": None, "cer_ortho": None, "n": 0}
     norm = NORMALIZERS[normalizer]
     langs = languages or [""] * len(refs)
     normalised = ([norm(x, lang) for x, lang in zip(refs, langs)], [norm(x, lang) for x, lang in zip(hyps, langs)])
@@ -72,8 +74,11 @@ def hallucination_metrics(refs: list[str], hyps: list[str]) -> dict:
     insertion_rate (inserted words per reference word, percent), empty_rate (share of empty hypotheses
     for non-empty references, percent), loop_rate (share of hypotheses with a repeated n-gram loop,
     percent), compression_ratio (mean over non-empty hypotheses) and high_compression_rate (share above
-    2.4, percent), length_ratio (hypothesis words over reference words)."""
-    n = max(len(refs), 1)
+    2.4, percent), length_ratio (hypothesis words over reference words). Of no utterance at all, None each."""
+    if not refs:
+        return dict.fromkeys(("insertion_rate", "empty_rate", "loop_rate", "compression_ratio",
+                              "high_compression_rate", "length_ratio"))
+    n = len(refs)
     _, total, insertions = _error_rate(refs, hyps, "word")
     ratios = [compression_ratio(h) for h in hyps if h.strip()]
     ref_words = sum(len(r.split()) for r in refs)

@@ -21,7 +21,6 @@ writes <out_dir>/preflight.json.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -31,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
+from asr.checkpoint import json_text
 from asr.config import Config, _toml_value, duplicate_source_names, eval_set_specs
 from asr.data import (WHISPER_MIN_S, Labeler, SplitReport, Utterance, control_chars_line, ctc_min_frames,
                       filter_utterances, load_utterance_audio, min_input_samples, read_source_split, source_name)
@@ -590,6 +590,6 @@ def write_preflight(result: dict, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "preflight.json"
     tmp = out_dir / "preflight.json.tmp"
-    tmp.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    tmp.write_text(json_text(result), encoding="utf-8")
     tmp.replace(path)
     return path

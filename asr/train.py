@@ -21,7 +21,7 @@ from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, ConfigError, eval_set_specs, to_toml
-from asr.data import AudioDataset, DurationBatchSampler, Utterance, collate
+from asr.data import AudioDataset, DurationBatchSampler, Utterance, collate, write_report
 from asr.decode import decode_tag
 from asr.evaluation import evaluate, worst_rows, write_eval
 from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_for, check_decoding, export_to,
@@ -165,30 +165,101 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
     return state, trainer["rng"]
 
 
+def num(value, spec: str = ".2f") -> str:
+    """A metric for a log line; "n/a" for None (a score of no utterance)."""
+    return "n/a" if value is None else format(value, spec)
+
+
+def agree(error: Exception | None) -> None:
+    """Raise rank 0's failed write (`error`) on every rank, so that all ranks stop together."""
+    (failed,) = dist.sum_values(1.0 if error is not None else 0.0)
+    if failed:
+        raise error or ckpt.CheckpointError("stopping: rank 0 could not write its files")
+
+
+def record_failures(data, key: str, by_id: dict, failures: list, cfg: Config, out: Path, log: Log) -> None:
+    """Count clips (`by_id`: id -> Utterance) that failed to decode when loaded in data_report.json's split
+    `key`, each once, with a log line the first time, and rewrite the report."""
+    new = [(i, e) for i, e in failures if data.reports[key].decode_failed(by_id[i], e, cfg.data.report_examples)]
+    for utt_id, err in new:
+        log(f"dropped {utt_id}: {err}")
+    if new and dist.is_main():
+        write_report(data.reports, out / "data_report.json")
+
+
+class FailedClips:
+    """Training clips that failed to decode, counted per epoch over all ranks. More than
+    data.max_failed_fraction of an epoch's clips stops the run (before the step, so no checkpoint is saved
+    or pruned): a corpus that cannot be decoded must not train on to a result."""
+
+    def __init__(self, data, cfg: Config, out: Path, log: Log):
+        self.data, self.cfg, self.out, self.log = data, cfg, out, log
+        self.epoch, self.failed = None, []  # this epoch's (id, error), over all ranks
+        self.by_id: dict | None = None
+
+    def update(self, micro: list[dict], ck_dir: Path) -> None:
+        local = [(b["sampler_state"]["epoch"], utt_id, err) for b in micro for utt_id, err in b["dropped"]]
+        (n,) = dist.sum_values(float(len(local)))
+        if not n:
+            return
+        rows = sorted(dist.gather_rows(local), key=lambda r: r[0])  # epoch order, whatever the ranks'
+        for epoch, utt_id, err in rows:
+            if epoch != self.epoch:
+                self.epoch, self.failed = epoch, []
+            self.failed.append((utt_id, err))
+        if self.by_id is None:
+            self.by_id = {u.id: u for u in self.data.train}
+        for source in dict.fromkeys(self.by_id[i].source for _, i, _ in rows):
+            record_failures(self.data, f"{source}/train", self.by_id,
+                            [(i, e) for _, i, e in rows if self.by_id[i].source == source], self.cfg, self.out,
+                            self.log)
+        total, fraction = len(self.data.train), self.cfg.data.max_failed_fraction
+        if len(self.failed) > fraction * total:
+            examples = "; ".join(f"{i} ({e})" for i, e in self.failed[:3])
+            raise TrainingError(
+                f"{len(self.failed)} of {total} training clips failed to decode in epoch {self.epoch + 1}, more "
+                f"than data.max_failed_fraction = {fraction} allows, e.g. {examples}; stopping (last good "
+                f"checkpoint: {ckpt.latest_checkpoint(ck_dir) or 'none yet'}; see {self.out / 'data_report.json'})")
+
+
 def evaluate_sets(bundle, data, cfg: Config, device, loss_name: str, autocast, step: int, state: RunState, out: Path,
                   tb, log: Log) -> dict:
     """Evaluate every set; write eval/step-N[.<set>].json, .tsv and .worst.tsv, TensorBoard scalars and
-    examples, and a log line each. Returns {set name: metrics}."""
+    examples, and a log line each. Returns {set name: metrics}. A set of which no clip could be decoded has
+    None scores (n = 0). A failed write (disk full) raises CheckpointError on every rank."""
     results = {}
+    keys = {name: f"{src}/{split}" for name, src, split in eval_set_specs(cfg)}
     for k, (name, utts) in enumerate(data.eval_sets.items()):
-        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
-        if step == 0:
+        failures: list = []
+        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast, failures)
+        record_failures(data, keys[name], {u.id: u for u in utts}, failures, cfg, out, log)
+        if step == 0 and metrics["wer"] is not None:
             state.baseline.setdefault(name, metrics["wer"])
-        if name in state.baseline:
+        if name in state.baseline and metrics["wer"] is not None:
             metrics["wer_change_since_step0"] = metrics["wer"] - state.baseline[name]
         results[name] = metrics
+        error = None
         if dist.is_main():
             stem = ckpt.step_dir_name(step) + ("" if k == 0 else f".{name}")
             worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
-            write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step}, worst)
+            try:
+                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step}, worst)
+            except ckpt.CheckpointError as e:
+                error = e
             for key in EVAL_SCALARS:
-                if key in metrics:
+                if metrics.get(key) is not None:
                     tb.add_scalar(f"eval/{name}/{key}", metrics[key], step)
             tb.add_text(f"eval/{name}/examples", "\n\n".join(
                 f"**ref:** {r}  \n**hyp:** {h}" for _, r, h in rows[: cfg.eval.examples]), step)
-        change = f" change since step 0 {metrics['wer_change_since_step0']:+.2f}" if step and name in state.baseline else ""
-        log(f"eval {name} step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
-            f"wer_ortho {metrics['wer_ortho']:.2f} loss {metrics['loss']:.4f} (n={metrics['n']}){change}")
+        agree(error)
+        if not metrics["n"]:
+            log(f"eval {name} step {step}: no utterance could be decoded ({metrics['failed']} failed); "
+                f"no scores, not a best")
+            continue
+        change = metrics.get("wer_change_since_step0")
+        change = f" change since step 0 {change:+.2f}" if step and change is not None else ""
+        log(f"eval {name} step {step}: wer {num(metrics['wer'])} cer {num(metrics['cer'])} "
+            f"wer_ortho {num(metrics['wer_ortho'])} loss {num(metrics['loss'], '.4f')} (n={metrics['n']}){change}")
     return results
 
 
@@ -296,18 +367,35 @@ def _train(cfg: Config, fresh: bool) -> dict:
         dist.barrier()
 
     def run_eval() -> tuple[dict, bool]:
-        """Evaluate at this step; a new best (lowest WER on the first set, CER breaking ties) is exported."""
+        """Evaluate at this step; a new best (lowest WER on the first set, CER breaking ties) is exported.
+        An evaluation that scored no utterance (n = 0) is never a best."""
         allocator.release_cached()  # evaluation's buffers differ in size from training's: neither keeps the other's
         results = evaluate_sets(bundle, data, cfg, device, loss_name, autocast, state.step, state, out, tb, log)
         allocator.release_cached()
         first = next(iter(results.values()), None)
-        if first is None or (first["wer"], first["cer"]) >= (state.best["wer"], state.best.get("cer", math.inf)):
+        if first is None or first["wer"] is None or \
+                (first["wer"], first["cer"]) >= (state.best["wer"], state.best.get("cer", math.inf)):
             return results, False
-        state.best = {"wer": first["wer"], "cer": first["cer"], "step": state.step}
+        best, error = {"wer": first["wer"], "cer": first["cer"], "step": state.step}, None
         if dist.is_main():
-            export_to(bundle, out / "best", {"kind": "best", **state.best})
-            log(f"new best wer {first['wer']:.2f} at step {state.step}")
+            try:
+                export_to(bundle, out / "best", {"kind": "best", **best})
+            except ckpt.CheckpointError as e:
+                error = e
+        agree(error)
+        state.best = best  # only once best/ holds it
+        log(f"new best wer {first['wer']:.2f} at step {state.step}")
         return results, True
+
+    def save_and_stop(error: ckpt.CheckpointError) -> None:
+        """After a failed write of this step's evaluation (disk full): keep the step's training in a
+        checkpoint if one can still be written, then stop with one line either way."""
+        try:
+            save()
+        except ckpt.CheckpointError as e:
+            raise ckpt.CheckpointError(f"{error}; the checkpoint of step {state.step} could not be saved either "
+                                       f"({e}); last checkpoint: {ckpt.latest_checkpoint(ck_dir)}") from None
+        raise ckpt.CheckpointError(f"{error}; stopped after saving the checkpoint of step {state.step}") from None
 
     stop = Stop().install()
     model.train()
@@ -316,6 +404,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
     window, last_eval, loss_log = Window(), None, []  # loss_log: (step, train loss) at this invocation's log lines
     progress = log.progress = Progress(tc.max_steps)
     first_step, bad_steps = state.step, 0  # bad_steps: non-finite steps in a row
+    failed_clips = FailedClips(data, cfg, out, log)
     try:
         if state.step == 0 and cfg.eval.at_start:
             run_eval()  # the baseline: what fine-tuning starts from
@@ -330,9 +419,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
             # is known only after the forward passes: the micro-batches are scaled by an estimate (label
             # lengths) and the gradients corrected once the window's true count is in.
             micro = [next(batches) for _ in range(tc.grad_accum)]
-            for b in micro:
-                for utt_id, err in b["dropped"]:
-                    log(f"dropped {utt_id}: {err}")
+            failed_clips.update(micro, ck_dir)  # stops the run when too many clips failed
             (n_estimate,) = dist.sum_values(float(sum(int(b["label_lengths"].sum()) for b in micro)))
             n_estimate = max(n_estimate, 1.0)
             loss_total, n_local = 0.0, 0
@@ -401,7 +488,10 @@ def _train(cfg: Config, fresh: bool) -> dict:
             at_end = step == tc.max_steps
             new_best = False
             if (tc.eval_every and step % tc.eval_every == 0) or at_end:
-                last_eval, new_best = run_eval()
+                try:
+                    last_eval, new_best = run_eval()
+                except ckpt.CheckpointError as e:  # eval files or best/ not written: the disk is full
+                    save_and_stop(e)
             (stopping,) = dist.sum_values(1.0 if stop.signal else 0.0)  # all ranks stop at the same step
             if (tc.save_every and step % tc.save_every == 0) or at_end or new_best or stopping:
                 save()
@@ -432,7 +522,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
         "train_loss": loss_log,  # (step, loss) at the logging steps of this invocation
     }
     if dist.is_main():
-        (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+        ckpt.write_files({out / "results.json": ckpt.json_text(results)})
         tb.close()
         log(f"done: {out / 'results.json'}")
     log.close()
@@ -532,17 +622,25 @@ def _evaluate_only(cfg: Config, checkpoint: str | None) -> dict:
     loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
     tag = decode_tag(cfg.decode)
     results = {}
-    splits = {name: split for name, _, split in eval_set_specs(cfg)}  # eval.sets name each set's own split
+    specs = {name: (src, split) for name, src, split in eval_set_specs(cfg)}  # eval.sets name each set's own split
     for k, (name, utts) in enumerate(data.eval_sets.items()):
-        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast)
+        failures: list = []
+        metrics, rows = evaluate(bundle, utts, cfg, device, loss_name, autocast, failures)
         results[name] = metrics
-        split = splits[name]
+        src, split = specs[name]
+        record_failures(data, f"{src}/{split}", {u.id: u for u in utts}, failures, cfg, out, log)
+        error = None
         if dist.is_main():
             stem = f"{ckpt.step_dir_name(step)}.{split}.{tag}" + ("" if k == 0 else f".{name}")
             worst = worst_rows(rows, cfg.eval.worst, cfg.eval.normalizer, {u.id: u.language for u in utts})
-            write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step, "decode": tag,
-                                                           "split": split}, worst)
-        log(f"eval {name} ({split}, {tag}) step {step}: wer {metrics['wer']:.2f} cer {metrics['cer']:.2f} "
-            f"wer_ortho {metrics['wer_ortho']:.2f} cer_ortho {metrics['cer_ortho']:.2f} (n={metrics['n']})")
+            try:
+                write_eval(out / "eval", stem, metrics, rows, {"set": name, "step": step, "decode": tag,
+                                                               "split": split}, worst)
+            except ckpt.CheckpointError as e:
+                error = e
+        agree(error)
+        log(f"eval {name} ({split}, {tag}) step {step}: wer {num(metrics['wer'])} cer {num(metrics['cer'])} "
+            f"wer_ortho {num(metrics['wer_ortho'])} cer_ortho {num(metrics['cer_ortho'])} (n={metrics['n']}, "
+            f"failed {metrics['failed']})")
     log.close()
     return results
