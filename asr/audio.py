@@ -180,16 +180,6 @@ def _mel_filters_cpu(n_mels: int) -> torch.Tensor:
     )
 
 
-def pad_or_trim(audio: torch.Tensor, length: int = CHUNK_SAMPLES) -> torch.Tensor:
-    """Zero-pad or cut the last dimension to `length` samples."""
-    n = audio.shape[-1]
-    if n > length:
-        return audio[..., :length]
-    if n < length:
-        return torch.nn.functional.pad(audio, (0, length - n))
-    return audio
-
-
 def log_mel(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     """Whisper's log-mel spectrogram: (B, N) 16 kHz audio, zero-padded or cut to 30 s -> (B, n_mels, 3000).
 

@@ -427,10 +427,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.text.chars_to_ignore:
         import re
 
-        from asr.text import _ignore_pattern
+        from asr.text import ignore_pattern
 
         try:
-            re.compile(_ignore_pattern(cfg.data.text.chars_to_ignore))
+            re.compile(ignore_pattern(cfg.data.text.chars_to_ignore))
         except re.error as e:
             raise ConfigError(f"data.text.chars_to_ignore: invalid regular expression ({e})") from None
 
@@ -576,11 +576,8 @@ def _check_regex(key: str, pattern: str) -> None:
 # Writing the resolved config back out as TOML.
 
 
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
-
-
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
+    """A value as TOML text (a string escaped, a table inline)."""
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
@@ -589,11 +586,11 @@ def _toml_value(v: Any) -> str:
         return '"' + "".join(_TOML_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
                              for c in v) + '"'
     if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_toml_key(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
     if dataclasses.is_dataclass(v):
-        return _toml_value(to_dict(v))
+        return toml_value(dataclasses.asdict(v))
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
@@ -601,7 +598,7 @@ _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"
 
 
 def _toml_key(k: str) -> str:
-    return k if k and k.isascii() and k.replace("_", "").replace("-", "").isalnum() else _toml_value(k)
+    return k if k and k.isascii() and k.replace("_", "").replace("-", "").isalnum() else toml_value(k)
 
 
 def _toml_table(obj: Any, name: str, out: list[str], array: bool = False) -> None:
@@ -613,7 +610,7 @@ def _toml_table(obj: Any, name: str, out: list[str], array: bool = False) -> Non
     for k, v in fields:
         if is_section(v) or is_section_list(v):
             continue
-        out.append(f"# {k} = (unset)" if v is None else f"{_toml_key(k)} = {_toml_value(v)}")
+        out.append(f"# {k} = (unset)" if v is None else f"{_toml_key(k)} = {toml_value(v)}")
     out.append("")
     for k, v in fields:
         if is_section(v):

@@ -62,14 +62,6 @@ def gather_rows(rows: list) -> list:
     return [r for part in parts for r in part]
 
 
-def broadcast_object(obj):
-    if not is_initialized():
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if is_initialized():
         td.destroy_process_group()

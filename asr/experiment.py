@@ -26,7 +26,7 @@ from asr.config import Config, ConfigError, check_methods, duplicate_source_name
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
                       source_name, write_report)
 from asr.models import Bundle, build, export, infer_family
-from asr.text import CharVocab, PieceVocab, clean_transcript, load_vocab
+from asr.text import clean_transcript, run_vocab
 
 
 class TrainingError(Exception):
@@ -206,24 +206,21 @@ def read_data(cfg: Config) -> tuple[dict, dict]:
 
 
 def build_vocab(cfg: Config, raw: dict, out_dir: Path):
-    """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts."""
-    folder = out_dir / "vocab"
-    if (folder / "vocab.json").is_file():
-        return load_vocab(folder)
+    """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts
+    and saved in out_dir/vocab."""
     texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
              if split == "train" for u in us]
-    if not texts:
+    vocab, origin = run_vocab(cfg.data, texts, out_dir / "vocab")
+    if vocab is None:
         raise TrainingError("no training transcripts to build a CTC vocabulary from")
-    if cfg.data.vocab == "sentencepiece":
-        vocab = PieceVocab.build(texts, cfg.data.sp_vocab_size, cfg.data.sp_model_type)
-    else:
-        vocab = CharVocab.build(texts)
+    if origin == "saved":
+        return vocab
     if dist.is_main():
         tmp = out_dir / ".tmp-vocab"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         vocab.save(tmp)
-        ckpt.replace_dir(tmp, folder)
+        ckpt.replace_dir(tmp, out_dir / "vocab")
     return vocab
 
 

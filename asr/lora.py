@@ -117,27 +117,3 @@ def merged_copy(model: nn.Module) -> nn.Module:
     return merge_lora(copy.deepcopy(model))
 
 
-def _trained(model: nn.Module):
-    return ((name, p) for name, p in model.named_parameters() if p.requires_grad or name.endswith(_LORA))
-
-
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of what trains, by parameter name: every LoRA A and B plus any other parameter
-    with requires_grad=True (e.g. an unfrozen head). Buffers are not included."""
-    return {name: p.detach().clone() for name, p in _trained(model)}
-
-
-def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-    """Copy `state` (from `lora_state_dict`) into the same-named parameters of `model`, which must already
-    have its adapters applied (same targets and rank). Names `model` lacks and shapes that differ raise
-    ValueError; so, when `strict`, do parameters that `lora_state_dict(model)` would hold but `state` lacks."""
-    params = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(params))
-    missing = sorted({name for name, _ in _trained(model)} - set(state)) if strict else []
-    resized = sorted(n for n in set(state) & set(params) if state[n].shape != params[n].shape)
-    if unknown or missing or resized:
-        raise ValueError(f"LoRA state does not fit {type(model).__name__}: unknown {unknown[:3]}, missing "
-                         f"{missing[:3]}, other shape {resized[:3]} (apply_lora with the same targets and rank?)")
-    with torch.no_grad():
-        for name, tensor in state.items():
-            params[name].copy_(tensor)

@@ -203,7 +203,7 @@ def _apply_overrides(mconf, cfg: ModelConfig, mapping) -> None:
             setattr(mconf, theirs, value)
 
 
-_SCRATCH_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "wavlm": "WavLMConfig"}
+SCRATCH_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "wavlm": "WavLMConfig"}
 
 
 def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
@@ -217,7 +217,7 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
             if cfg.name:
                 mconf = AutoConfig.from_pretrained(cfg.name)
             else:  # XLS-R-like layout (layer-norm feature encoder, pre-norm transformer)
-                mconf = getattr(transformers, _SCRATCH_CONFIGS[cfg.arch])(
+                mconf = getattr(transformers, SCRATCH_CONFIGS[cfg.arch])(
                     feat_extract_norm="layer", do_stable_layer_norm=True)
             sizes = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
                      "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,

@@ -31,11 +31,11 @@ from pathlib import Path
 
 from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
 from asr.checkpoint import json_text
-from asr.config import Config, _toml_value, duplicate_source_names, eval_set_specs
+from asr.config import Config, toml_value, duplicate_source_names, eval_set_specs
 from asr.data import (WHISPER_MIN_S, Labeler, SplitReport, Utterance, control_chars_line, ctc_min_frames,
                       filter_utterances, load_utterance_audio, min_input_samples, read_source_split, source_name)
-from asr.text import (PAD, UNK, WORD_DELIMITER, CharVocab, PieceVocab, clean_transcript, extend_chars_to_ignore,
-                      load_vocab, normalize)
+from asr.text import (PAD, UNK, WORD_DELIMITER, clean_transcript, extend_chars_to_ignore, normalize,
+                      run_vocab)
 
 ROLES = ("train", "dev", "test")  # the split fields of a source; dev and test are evaluation splits
 PERCENTILES = (0, 5, 50, 95, 100)
@@ -54,14 +54,14 @@ def ctc_conv_layout(mcfg) -> dict:
     import transformers
     from transformers import AutoConfig
 
-    from asr.models import _SCRATCH_CONFIGS, ModelError
+    from asr.models import SCRATCH_CONFIGS, ModelError
 
     try:
         if mcfg.init == "scratch":
             if mcfg.name:
                 mconf = AutoConfig.from_pretrained(mcfg.name)
             else:
-                mconf = getattr(transformers, _SCRATCH_CONFIGS[mcfg.arch])(
+                mconf = getattr(transformers, SCRATCH_CONFIGS[mcfg.arch])(
                     feat_extract_norm="layer", do_stable_layer_norm=True)
             for k in ("conv_dim", "conv_kernel", "conv_stride"):
                 if getattr(mcfg, k):
@@ -170,18 +170,6 @@ def _vocab_chars(vocab) -> set[str]:
         return {t for t in vocab.tokens if t not in (PAD, UNK, WORD_DELIMITER)} | {" ", WORD_DELIMITER}
     chars = {c for t in vocab.tokens if t not in (PAD, UNK) for c in t.replace("▁", " ")}
     return chars | {" "}
-
-
-def _build_vocab(cfg: Config, train_texts: list[str]):
-    """The CTC vocabulary training will use (asr.train.build_vocab): the run's saved one, else built."""
-    folder = Path(cfg.run.out_dir) / "vocab"
-    if (folder / "vocab.json").is_file():
-        return load_vocab(folder), "saved"
-    if not train_texts:
-        return None, "none"
-    if cfg.data.vocab == "sentencepiece":
-        return PieceVocab.build(train_texts, cfg.data.sp_vocab_size, cfg.data.sp_model_type), "built"
-    return CharVocab.build(train_texts), "built"
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,7 +390,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
     vocab, train_chars = None, None
     if family == "ctc":
         try:
-            vocab, origin = _build_vocab(cfg, train_texts)
+            vocab, origin = run_vocab(cfg.data, train_texts, Path(cfg.run.out_dir) / "vocab")
         except Exception as e:
             errors.append(f"vocabulary: {type(e).__name__}: {e}")
             origin = "none"
@@ -461,7 +449,7 @@ def _punctuation(train_texts: list[str], cfg: Config) -> dict:
     current = cfg.data.text.chars_to_ignore
     value = extend_chars_to_ignore(current, "".join(sorted(counts))) if counts else current
     return {"chars": dict(counts.most_common()),
-            "chars_to_ignore": f"chars_to_ignore = {_toml_value(value)}" if counts else None}
+            "chars_to_ignore": f"chars_to_ignore = {toml_value(value)}" if counts else None}
 
 
 def _warnings(result: dict) -> list[str]:

@@ -52,7 +52,7 @@ def clean_transcript(text: str, cfg, language: str = "") -> str:
     if cfg.lowercase:
         text = _replace(lower(text, language), cfg.replace)
     if cfg.chars_to_ignore:
-        text = re.sub(_ignore_pattern(cfg.chars_to_ignore), "", text)
+        text = re.sub(ignore_pattern(cfg.chars_to_ignore), "", text)
     if cfg.collapse_whitespace:
         text = " ".join(text.split())
     return text
@@ -65,8 +65,9 @@ def _replace(text: str, table: dict[str, str]) -> str:
     return text
 
 
-def _ignore_pattern(chars: str) -> str:
-    # A bare list of characters (",?.!") becomes a character class; a regex is used as given.
+def ignore_pattern(chars: str) -> str:
+    """The regular expression of data.text.chars_to_ignore: a bare list of characters (",?.!") becomes a
+    character class; a regex is used as given."""
     if chars.startswith("[") or "\\" in chars or "|" in chars:
         return chars
     return "[" + re.escape(chars) + "]"
@@ -79,9 +80,9 @@ def extend_chars_to_ignore(current: str, chars: str) -> str:
     new = "".join(dict.fromkeys(chars))
     if not new:
         return current
-    if not current or _ignore_pattern(current) != current:  # empty or a bare list of characters
+    if not current or ignore_pattern(current) != current:  # empty or a bare list of characters
         merged = "".join(dict.fromkeys(current + new))
-        return merged if _ignore_pattern(merged) != merged else "[" + re.escape(merged) + "]"
+        return merged if ignore_pattern(merged) != merged else "[" + re.escape(merged) + "]"
     m = re.fullmatch(r"\[((?:\\.|[^\\\]])+)\]", current)
     if m and not m.group(1).startswith("^"):
         return "[" + m.group(1) + re.escape(new) + "]"
@@ -264,6 +265,18 @@ class PieceVocab:
     @classmethod
     def load(cls, folder: str | Path) -> "PieceVocab":
         return cls(Path(folder, "sentencepiece.model").read_bytes())
+
+
+def run_vocab(data_cfg, texts: list[str], folder: str | Path):
+    """The CTC vocabulary of a run and where it came from: the one saved in `folder` ("saved"), else one
+    built from the cleaned training `texts` as data.vocab says ("built"), else (None, "none")."""
+    if Path(folder, "vocab.json").is_file():
+        return load_vocab(folder), "saved"
+    if not texts:
+        return None, "none"
+    if data_cfg.vocab == "sentencepiece":
+        return PieceVocab.build(texts, data_cfg.sp_vocab_size, data_cfg.sp_model_type), "built"
+    return CharVocab.build(texts), "built"
 
 
 def load_vocab(folder: str | Path):

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from asr import checkpoint as ckpt
 from asr.audio import audio_info

@@ -14,7 +14,7 @@ from asr.decode import DECODERS, ctc_greedy, decode_tag
 from asr.losses import LOSSES
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import (REPO, WHISPER_BASE, needs_whisper_base, read_json, read_tsv, tiny_ctc_config,
+from helpers import (REPO, needs_whisper_base, read_json, read_tsv, tiny_ctc_config,
                      tiny_whisper_config, write_exp)
 
 DEMO = REPO / "experiments" / "demo.toml"

@@ -18,7 +18,7 @@ import soundfile as sf
 from asr.config import ConfigError, DataConfig, SourceConfig, TextConfig, validate
 from asr.data import Labeler, SplitReport, filter_utterances, format_report, read_source_split, write_report
 from asr.preflight import format_preflight, output_frames_fn, preflight, weightless_labeler
-from asr.text import CharVocab, _ignore_pattern, clean_transcript
+from asr.text import CharVocab, ignore_pattern, clean_transcript
 from helpers import WHISPER_BASE, needs_whisper_base, read_tsv, tiny_ctc_config, tiny_whisper_config
 from test_preflight import DEMO_TEXT, base_rows, ctc_config, cv, write_corpus
 
@@ -149,8 +149,8 @@ def test_extend_chars_to_ignore_keeps_removing_the_old_and_removes_the_new():
     tr_xlsr = r"[\,\?\.\!\-\;\:\"\“\%\‘\”\�\']"  # experiments/tr_xlsr.toml's
     for current in ("", ",?.!", ',?.!;:"“”‘’%-', tr_xlsr, "[,.]", r"\s+-\s+", "[^a-z ]x"):
         value = extend_chars_to_ignore(current, new)
-        pattern = _ignore_pattern(value)
-        old = re.compile(_ignore_pattern(current)) if current else None
+        pattern = ignore_pattern(value)
+        old = re.compile(ignore_pattern(current)) if current else None
         sample = "a, b. c? d! e; f: g\" h“ i% j- k ' l|m(n)o[p]q€r\\s^t -  u x"
         for c in new:
             assert re.sub(pattern, "", c) == "", (current, value, c)
