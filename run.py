@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
             evaluate_only(cfg, args.checkpoint)
         else:
             train(cfg, fresh=args.fresh)
+    except ConfigError as e:  # e.g. a resume with settings it cannot change
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, ModelError, TrainingError, CheckpointError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -144,7 +144,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 500  # 0: only at the end
     save_every: int = 500  # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept, besides the best's (0: keep every checkpoint)
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     # Which parameters train: regular expressions searched in parameter names (e.g. "model.decoder",
     # "encoder.layers.(8|9|10|11)\\.", "lm_head"). `trainable` non-empty: only matches train; then
@@ -413,6 +413,8 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
+    if cfg.train.keep_last < 0:
+        raise ConfigError("train.keep_last: must be 0 (keep every checkpoint) or more")
     if cfg.lora.rank < 0:
         raise ConfigError("lora.rank: must be 0 (off) or positive")
     if cfg.preflight.cps_outlier_factor <= 1.0:
