@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -56,9 +58,16 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} of {len(a)} tensors differ, e.g. {different[:3]}"
 
 
-def overwrite_middle(path: Path, n: int = 4096) -> None:
+def overwrite_tensor_data(path: Path, n: int = 4096) -> None:
+    """Overwrite `n` bytes in the middle of the largest tensor of a torch.save file: torch.load reads such a file
+    without complaint (it checks no CRC-32), and the run would train on from garbage."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
-    mid = len(data) // 2
+    name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26: info.header_offset + 30])
+    start = info.header_offset + 30 + name_len + extra_len  # the record's bytes follow its local header
+    assert info.file_size >= n
+    mid = start + (info.file_size - n) // 2
     data[mid:mid + n] = os.urandom(n)
     path.write_bytes(bytes(data))
 
@@ -83,7 +92,7 @@ def test_manifest_records_every_file_and_verify_catches_damage(tmp_path):
     (path / "config.toml").write_text("a = 2\n", encoding="utf-8")  # the same size, other bytes
     assert ckpt.verify(path) == "config.toml does not match its manifest's blake2b digest"
     assert ckpt.saved_config(path) is None
-    overwrite_middle(path / "model.pt")
+    overwrite_tensor_data(path / "model.pt")
     assert ckpt.verify(path) == "model.pt: record archive/data/0 fails its CRC-32 check"
 
 
@@ -96,7 +105,7 @@ def truncate(path: Path) -> None:
 
 
 DAMAGE = {
-    "overwritten": (lambda ck: overwrite_middle(ck / "model.pt"), r"model\.pt: record \S+ fails its CRC-32 check"),
+    "overwritten": (lambda ck: overwrite_tensor_data(ck / "model.pt"), r"model\.pt: record \S+ fails its CRC-32 check"),
     "truncated": (lambda ck: truncate(ck / "model.pt"), r"model\.pt has \d+ bytes, its manifest says \d+"),
     "no_optimizer": (lambda ck: (ck / "optimizer.pt").unlink(), r"optimizer\.pt missing"),
 }
@@ -153,7 +162,7 @@ def test_no_checkpoint_verifies_starts_over_saying_so(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run")
     (out / "checkpoints" / "step-000002.corrupt").mkdir()  # from an earlier incident
     for s in (2, 4):
-        overwrite_middle(out / "checkpoints" / f"step-{s:06d}" / "model.pt")
+        overwrite_tensor_data(out / "checkpoints" / f"step-{s:06d}" / "model.pt")
     results = train(run_config(out, max_steps=2))
     assert results["steps"] == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
@@ -165,7 +174,7 @@ def test_no_checkpoint_verifies_starts_over_saying_so(reference, tmp_path):
 
 def test_eval_only_uses_the_newest_checkpoint_that_verifies(reference, tmp_path):
     out = copy_run(reference, tmp_path / "run", steps=(2, 4, 6))
-    overwrite_middle(out / "checkpoints" / "step-000006" / "model.pt")
+    overwrite_tensor_data(out / "checkpoints" / "step-000006" / "model.pt")
     cfg = run_config(out)
     evaluate_only(cfg)
     log = log_of(out)
