@@ -297,3 +297,14 @@ def test_resume_table_covers_the_keys_it_means(tmp_path):
     for key in ("model.hidden_size", "data.batch_size", "data.sources.0.path", "data.text.lowercase", "lora.rank",
                 "train.grad_accum", "train.trainable", "run.seed", "data.vocab"):
         assert key in keys and is_fixed(key), key
+
+
+def test_resume_with_fp16_after_fp32_starts_a_fresh_grad_scaler(tmp_path):
+    """train.precision may change: a checkpoint saved without fp16 holds no GradScaler state to load."""
+    out = tmp_path / "run"
+    train(run_config(out, max_steps=2, precision="fp32"), fresh=True)
+    results = train(run_config(out, max_steps=3, precision="fp16"))
+    assert results["steps"] == 3
+    assert 'resume: train.precision "fp32" -> "fp16"' in log_of(out)
+    trainer = torch.load(out / "checkpoints" / "step-000003" / "trainer.pt", weights_only=False)
+    assert trainer["scaler"]["scale"] > 0
