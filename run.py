@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
             evaluate_only(cfg, args.checkpoint)
         else:
             train(cfg, fresh=args.fresh)
-    except ConfigError as e:  # settings found wrong only now: the run folder (locked, unwritable), ...
+    except ConfigError as e:  # settings found wrong only now: the run folder, a resume it cannot take, ...
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (DataError, ModelError, TrainingError, CheckpointError, AudioError) as e:

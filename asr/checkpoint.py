@@ -5,33 +5,55 @@ one found on restart, old ones pruned. A checkpoint folder `step-000123/` holds:
     optimizer.pt  optimizer state dict
     trainer.pt    step, scheduler, scaler, sampler position, RNG states, best score, counters
     config.toml   the resolved config
+    manifest.json each file's size and how its bytes are checked: the CRC-32 that torch.save's zip writer
+                  already computes of every record as it writes it (the .pt files), or a blake2b digest
+                  computed as the file is written (config.toml; a .pt file when torch's CRC-32 is off)
 
 A kill at any moment leaves either the complete folder or a `.tmp-*` one that `clean_partial` removes
 on the next start (or, for a checkpoint that was being replaced by a re-save of the same step, moves
 back); a failed write (disk full) raises CheckpointError naming the folder and leaves no `.tmp-*` behind.
+A checkpoint whose files do not match its manifest, or that cannot be loaded, is renamed aside
+(`step-N.corrupt`) by `newest_verified`, never deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from asr.config import Config, ConfigError, config_changes, is_fixed, read_saved_config, toml_value
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = TMP_PREFIX + "old-"  # a complete folder moved aside while its replacement is renamed in
 _OLD_DIR = re.compile(r"^\.tmp-old-(.+)-(\d+)$")  # .tmp-old-<name>-<pid>
+FILES = ("model.pt", "optimizer.pt", "trainer.pt", "config.toml")
+MANIFEST = "manifest.json"
+HASH = "blake2b"
+ZIP_CRC = "zip-crc32"  # the manifest's check of a torch.save file: the CRC-32 of each of its zip records
+_new_hash = hashlib.blake2b
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be written or read; one line."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint whose files fail verification against its manifest, or fail to load."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} is corrupt: {reason}")
+        self.path, self.reason = path, reason
 
 
 def step_dir_name(step: int) -> str:
@@ -65,19 +87,26 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _WriteErrors:
-    """A binary file for torch.save that remembers the OSError its writes raised: torch.save's zip writer
-    turns a failed write (ENOSPC, EFBIG, EIO) into a RuntimeError about stream positions."""
+    """A binary file for torch.save that hashes and counts what goes through it, and remembers the OSError its
+    writes raised: torch.save's zip writer turns a failed write (ENOSPC, EFBIG, EIO) into a RuntimeError
+    about stream positions."""
 
-    def __init__(self, f):
+    def __init__(self, f, hashed: bool):
         self.f = f
         self.error: OSError | None = None
+        self.hash = _new_hash() if hashed else None
+        self.size = 0
 
     def write(self, data) -> int:
         try:
-            return self.f.write(data)
+            n = self.f.write(data)
         except OSError as e:
             self.error = e
             raise
+        if self.hash is not None:
+            self.hash.update(data)
+        self.size += n
+        return n
 
     def flush(self) -> None:
         try:
@@ -87,17 +116,22 @@ class _WriteErrors:
             raise
 
 
-def _save_file(obj, path: Path) -> None:
+def _save_file(obj, path: Path) -> dict:
+    """torch.save `obj` (bytes: written as they are) to `path`, synced; returns its manifest entry. A blake2b
+    digest of the bytes is computed only where torch.save's own CRC-32s do not check them: hashing every byte
+    again would add about as much time as the save itself takes (tests/bench/bench_checkpoint.py)."""
+    zip_crc = not isinstance(obj, bytes) and torch.serialization.get_crc32_options()
     with open(path, "wb") as f:
-        w = _WriteErrors(f)
+        w = _WriteErrors(f, hashed=not zip_crc)
         try:
-            torch.save(obj, w)
+            w.write(obj) if isinstance(obj, bytes) else torch.save(obj, w)
         except Exception:
             if w.error is not None:
                 raise w.error from None  # the real cause, e.g. "No space left on device"
             raise
         f.flush()
         os.fsync(f.fileno())
+    return {"size": w.size, "check": ZIP_CRC} if zip_crc else {"size": w.size, HASH: w.hash.hexdigest()}
 
 
 def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state: dict, trainer_state: dict,
@@ -111,13 +145,9 @@ def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        _save_file(model_state, tmp / "model.pt")
-        _save_file(optimizer_state, tmp / "optimizer.pt")
-        _save_file(trainer_state, tmp / "trainer.pt")
-        with open(tmp / "config.toml", "w", encoding="utf-8") as f:
-            f.write(config_toml)
-            f.flush()
-            os.fsync(f.fileno())
+        objects = (model_state, optimizer_state, trainer_state, config_toml.encode("utf-8"))
+        files = {name: _save_file(obj, tmp / name) for name, obj in zip(FILES, objects)}
+        _save_file(json.dumps({"files": files}, indent=1).encode("utf-8"), tmp / MANIFEST)
         _fsync_dir(tmp)
         replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) replaces it
         _fsync_dir(folder)
@@ -133,16 +163,119 @@ def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state:
     return final
 
 
-def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints in `folder`, oldest first."""
+def step_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Every `step-N` folder in `folder`, complete or not, oldest first."""
     if not folder.is_dir():
         return []
-    found = []
-    for p in folder.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and all((p / f).is_file() for f in ("model.pt", "optimizer.pt", "trainer.pt")):
-            found.append((int(m.group(1)), p))
-    return sorted(found)
+    return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
+
+
+def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder` (none of their files missing), oldest first."""
+    return [(s, p) for s, p in step_dirs(folder) if all((p / f).is_file() for f in FILES[:3])]
+
+
+def _manifest(path: Path) -> dict | str | None:
+    """A checkpoint's manifest {file name: entry}, None when it has none, or why it cannot be read."""
+    try:
+        files = json.loads((path / MANIFEST).read_text(encoding="utf-8"))["files"]
+        if not all(isinstance(e, dict) and isinstance(e.get("size"), int) for e in files.values()):
+            raise ValueError("an entry without a size")
+        return files
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        return f"{MANIFEST} unreadable ({type(e).__name__}: {e})"
+
+
+def verify(path: Path) -> str | None:
+    """Why checkpoint folder `path` cannot be trusted (a file missing, of another size than its manifest says,
+    or whose bytes fail the manifest's check), or None. A checkpoint saved before manifests existed has only
+    its files' presence checked."""
+    missing = [f for f in FILES[:3] if not (path / f).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    files = _manifest(path)
+    if isinstance(files, str):
+        return files
+    for name, entry in (files or {}).items():
+        reason = _check_file(path, name, entry)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _check_file(path: Path, name: str, entry: dict) -> str | None:
+    p = path / name
+    if not p.is_file():
+        return f"{name} missing"
+    if p.stat().st_size != entry["size"]:
+        return f"{name} has {p.stat().st_size} bytes, its manifest says {entry['size']}"
+    try:
+        with open(p, "rb") as f:
+            if HASH in entry:
+                ok = hashlib.file_digest(f, _new_hash).hexdigest() == entry[HASH]
+                return None if ok else f"{name} does not match its manifest's {HASH} digest"
+            if entry.get("check") == ZIP_CRC:
+                return _check_zip(f, name)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {name}: {e.strerror or e}") from None
+    return f"{MANIFEST} names no check for {name}"
+
+
+def _check_zip(f, name: str) -> str | None:
+    """Read every record of a torch.save zip file, checking its CRC-32 (torch.load does not)."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            bad = z.testzip()
+    except MemoryError:
+        raise
+    except Exception as e:  # any damage to the zip's structure (BadZipFile, EOFError, a seek out of range...)
+        return f"{name} is not an intact zip file ({type(e).__name__}: {str(e)[:120]})"
+    return None if bad is None else f"{name}: record {bad} fails its CRC-32 check"
+
+
+def saved_config(path: Path) -> str | None:
+    """The text of checkpoint `path`'s config.toml, or None when it is missing or fails its manifest's check
+    (only that file is checked: it is small)."""
+    files = _manifest(path)
+    try:
+        if isinstance(files, str) or (files is not None and "config.toml" not in files):
+            return None
+        if files is not None and _check_file(path, "config.toml", files["config.toml"]) is not None:
+            return None
+        return (path / "config.toml").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, CheckpointError):
+        return None
+
+
+def set_aside(path: Path, reason: str, log) -> Path:
+    """Rename a corrupt checkpoint to `step-N.corrupt` (`.corrupt-2`, ... when taken), never deleting it."""
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.corrupt-{n}")
+    try:
+        path.rename(target)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({reason}) and cannot be renamed aside: "
+                              f"{e.strerror or e}") from None
+    log(f"checkpoint {path} is corrupt ({reason}): renamed to {target.name}")
+    return target
+
+
+def newest_verified(folder: Path, log) -> Path | None:
+    """The newest checkpoint in `folder` that verifies; every newer one is renamed aside (`set_aside`), each
+    with a log line saying why. One saved before manifests existed is returned unverified, with a log line."""
+    for _, path in reversed(step_dirs(folder)):
+        reason = verify(path)
+        if reason is None:
+            if not (path / MANIFEST).is_file():
+                log(f"checkpoint {path} has no {MANIFEST} (saved before checkpoints were verified): "
+                    f"loading it unverified")
+            return path
+        set_aside(path, reason, log)
+    return None
 
 
 def clean_partial(folder: Path) -> list[Path]:
@@ -169,21 +302,33 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict, dict, dict]:
-    """(model state, optimizer state, trainer state) of a checkpoint folder."""
+def load_checkpoint(path: Path, map_location="cpu", verified: bool = False) -> tuple[dict, dict, dict]:
+    """(model state, optimizer state, trainer state) of a checkpoint folder, verified against its manifest
+    first unless `verified` already. CorruptCheckpoint when it fails that or does not load; CheckpointError
+    when it cannot be read for another reason (a read error, no memory)."""
+    reason = None if verified else verify(path)
+    if reason is not None:
+        raise CorruptCheckpoint(path, reason)
     try:
         model = torch.load(path / "model.pt", map_location=map_location, weights_only=True)
         optim = torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True)
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    except (OSError, MemoryError, torch.OutOfMemoryError) as e:  # the machine's fault, not the checkpoint's
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {detail}") from None
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+        raise CorruptCheckpoint(path, f"cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                ) from None
     return model, optim, trainer
 
 
 def prune(folder: Path, keep_last: int, keep_steps: set[int] = frozenset()) -> None:
-    """Delete all but the newest `keep_last` checkpoints and those in `keep_steps` (e.g. the best)."""
+    """Delete all but the newest `keep_last` checkpoints (0: keep all) and those in `keep_steps` (the best's,
+    the one just saved). Folders that are not complete checkpoints are never touched."""
+    if keep_last < 1:
+        return
     found = list_checkpoints(folder)
-    recent = {s for s, _ in found[-keep_last:]} if keep_last > 0 else set()
+    recent = {s for s, _ in found[-keep_last:]}
     for step, path in found:
         if step not in recent and step not in keep_steps:
             # Renamed first: a kill during the deletion leaves a .tmp-* folder that clean_partial removes,
@@ -288,3 +433,40 @@ def replace_dir(src: Path, dst: Path) -> None:
     src.rename(dst)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming with changed settings.
+
+class ResumeError(ConfigError):
+    """Settings a resumed run cannot take (exit status 2, like any settings error); one line."""
+
+
+def saved_config_of(text: str) -> Config:
+    try:
+        return read_saved_config(text)
+    except ConfigError as e:
+        raise ResumeError(f"cannot read its config.toml ({e})") from None
+
+
+def show(value) -> str:
+    return "(unset)" if value is None else toml_value(value)
+
+
+def check_resume(path: Path, cfg: Config) -> list[tuple[str, object, object]]:
+    """The settings changes since checkpoint `path` (asr.config.config_changes); ResumeError, one line, when one of
+    them cannot take effect on a resumed run (RESUME_FIXED)."""
+    old_toml = saved_config(path)
+    try:
+        if old_toml is None:
+            raise ResumeError("its config.toml is missing or unreadable")
+        changes = config_changes(saved_config_of(old_toml), cfg)
+    except ResumeError as e:
+        raise ResumeError(f"cannot resume from {path}: {e}; start over with --fresh or set another run.out_dir"
+                          ) from None
+    fixed = [f"{k} ({show(old)} -> {show(new)})" for k, old, new in changes if is_fixed(k)]
+    if fixed:
+        raise ResumeError(f"cannot resume {path.parent.parent} with changed settings that a resumed run cannot "
+                          f"take: {', '.join(fixed)}; resume with the old values, start over with --fresh, or "
+                          f"set another run.out_dir")
+    return changes

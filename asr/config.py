@@ -147,7 +147,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 500  # 0: only at the end
     save_every: int = 500  # 0: only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest checkpoints kept, besides the best's (0: keep every checkpoint)
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops
     # Which parameters train: regular expressions searched in parameter names (e.g. "model.decoder",
     # "encoder.layers.(8|9|10|11)\\.", "lm_head"). `trainable` non-empty: only matches train; then
@@ -479,7 +479,7 @@ RANGES = {
     "train.log_every": "[1, inf)",
     "train.eval_every": "[0, inf)",  # 0: only at the end
     "train.save_every": "[0, inf)",  # 0: only at the end
-    "train.keep_last": "[0, inf)",
+    "train.keep_last": "[0, inf)",  # 0: keep every checkpoint
     "train.max_bad_steps": "[1, inf)",
     "train.lr_scale": "[0, inf)",
     "eval.max_utterances": "[0, inf)",  # 0: all
@@ -537,6 +537,77 @@ def _check_ranges(cfg: "Config") -> None:
             if v is not None and not _in_range(v, spec):
                 where = key if k is None else f"{key}.{k}"
                 raise ConfigError(f"{where}: must be in {spec}, got {v!r}")
+
+
+# Settings a resumed run cannot change: they shape the model and which parameters train, the labels, or the
+# stream of training batches whose position the checkpoint holds. A key is fixed when it is one of these or
+# lies below one; changing it stops the run at start-up (--fresh or another run.out_dir starts a new run).
+# Every other setting may change on resume and takes effect (README, "Runs that survive").
+RESUME_FIXED = (
+    "model",  # architecture, initial weights, Whisper's language and task tokens, dropout, freezing
+    "lora",  # the adapters are parameters
+    "train.trainable", "train.frozen", "train.lr_scale",  # which parameters train: the optimizer's groups
+    "train.save_trainable_only",  # what the checkpoints hold
+    "data.sources",  # the training clips, their order and ids
+    "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
+    "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
+    "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
+)
+
+
+def is_fixed(key: str) -> bool:
+    """Whether a dotted setting cannot change on a resumed run (RESUME_FIXED)."""
+    return any(key == p or key.startswith(p + ".") for p in RESUME_FIXED)
+
+
+def read_saved_config(text: str) -> Config:
+    """A config saved with a run or checkpoint (config.toml), without the keys this version does not have
+    (one saved by an older version). ConfigError when it cannot be read as a config."""
+    try:
+        values = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}") from None
+    return _build(Config, _known(Config, values))
+
+
+def _known(cls, values: dict) -> dict:
+    hints, out = typing.get_type_hints(cls), {}
+    for k, v in values.items():
+        tp = hints.get(k)
+        if tp is None:
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            v = _known(tp, v)
+        elif dataclasses.is_dataclass(item) and isinstance(v, list):
+            v = [_known(item, x) if isinstance(x, dict) else x for x in v]
+        out[k] = v
+    return out
+
+
+def flat_config(cfg: Config) -> dict:
+    """A config as {dotted key: value}; lists of tables (data.sources, eval.sets) by index."""
+    return _flat(dataclasses.asdict(cfg))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(_flat(x, f"{key}.{i}."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """(dotted key, old value, new value) of every setting that differs (None: not set in that config)."""
+    a, b = flat_config(old), flat_config(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
 def source_name(src: SourceConfig) -> str:

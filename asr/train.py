@@ -39,13 +39,17 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW over all parameters (frozen ones simply get no gradient); no weight decay on biases and norm
     weights (1-D parameters); `train.lr_scale` multiplies the learning rate of matching parameters
     (the first matching pattern counts)."""
+    return torch.optim.AdamW(optimizer_groups(model, cfg), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def optimizer_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """make_optimizer's parameter groups with their settings from train config `cfg`, always in the same order."""
     groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         scale = next((v for pattern, v in cfg.lr_scale.items() if re.search(pattern, name)), 1.0)
         groups.setdefault((p.ndim >= 2, scale), []).append(p)
-    return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale}
-         for (decay, scale), ps in groups.items()], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr": cfg.lr * scale,
+             "betas": tuple(cfg.betas), "eps": cfg.eps} for (decay, scale), ps in groups.items()]
 
 
 def checkpoint_state(model: torch.nn.Module, names: set[str] | None) -> dict:
@@ -143,9 +147,10 @@ class RunState:
     sampler: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})
 
 
-def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device) -> tuple[RunState, list]:
-    """Load a checkpoint into the training objects; returns the run state and every rank's RNG states."""
-    model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device)
+def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device, tc) -> tuple[RunState, list]:
+    """Load a (verified) checkpoint into the training objects, with the optimizer and schedule settings of train
+    config `tc` (a resume may change them); returns the run state and every rank's RNG states."""
+    model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device, verified=True)
     load_model_state(model, model_state, saved_names, f"checkpoint {path}")
     try:
         optimizer.load_state_dict(optim_state)
@@ -154,12 +159,17 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
                             f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
                             ) from None
     scheduler.load_state_dict(trainer["scheduler"])
-    # The learning rate of the next step comes from this run's schedule (the saved one may have had another
-    # max_steps, e.g. a run extended after it finished); with an unchanged config it is the same.
+    # This run's settings, not the checkpoint's: peak learning rate, weight decay, betas and eps of each group,
+    # and the learning rate of the next step from this run's schedule (lr, warmup, schedule, max_steps: e.g. a
+    # run extended after it finished). With an unchanged config they are the saved ones.
+    for group, new in zip(optimizer.param_groups, optimizer_groups(model, tc)):
+        group.update({k: v for k, v in new.items() if k != "params"}, initial_lr=new["lr"])
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
     for group, base_lr, f in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * f(scheduler.last_epoch)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-    scaler.load_state_dict(trainer["scaler"])
+    if trainer["scaler"]:  # empty when saved without fp16 (train.precision or run.device changed since)
+        scaler.load_state_dict(trainer["scaler"])
     state = RunState(trainer["step"], trainer["best"], trainer["totals"], trainer.get("baseline", {}),
                      trainer.get("skipped_steps", 0), trainer["sampler"])
     return state, trainer["rng"]
@@ -295,13 +305,48 @@ class Window:
 # The loop.
 
 
+def check_settings(cfg: Config) -> None:
+    """Before the run folder is written to (config.toml): a ResumeError when the run would resume from a
+    checkpoint saved with settings it cannot change (checkpoint.RESUME_FIXED)."""
+    for _, path in reversed(ckpt.step_dirs(Path(cfg.run.out_dir) / "checkpoints")):
+        if ckpt.saved_config(path) is not None:  # else a broken checkpoint, renamed aside later
+            ckpt.check_resume(path, cfg)
+            return
+
+
+def load_newest(ck_dir: Path, log: Log, load) -> tuple[Path | None, object]:
+    """(path, `load(path)`) of the newest checkpoint in `ck_dir` that verifies and loads, on every rank, or
+    (None, None). One that fails either is renamed aside (`step-N.corrupt`) with a log line saying why."""
+    while True:
+        if dist.is_main():
+            ckpt.newest_verified(ck_dir, log)  # renames aside the newer ones that fail verification
+        dist.barrier()
+        path = ckpt.latest_checkpoint(ck_dir)
+        if path is None:
+            return None, None
+        try:
+            result, reason = load(path), None
+        except ckpt.CorruptCheckpoint as e:
+            result, reason = None, e.reason
+        (failed,) = dist.sum_values(float(reason is not None))
+        if not failed:
+            return path, result
+        if dist.is_main():
+            ckpt.set_aside(path, reason or "cannot be loaded on another rank", log)
+
+
 def train(cfg: Config, fresh: bool = False) -> dict:
     """Train `cfg` into cfg.run.out_dir, resuming from its newest checkpoint unless `fresh`. The run folder
-    is locked against other runs while this runs (asr.experiment.lock_run_dir)."""
+    is locked against other runs while this runs (asr.experiment.lock_run_dir); a resume with settings it
+    cannot take stops before anything is written."""
+    out = Path(cfg.run.out_dir)
     try:
+        lock_run_dir(out)
+        if not fresh:
+            check_settings(cfg)
         return _train(cfg, fresh)
     finally:
-        unlock_run_dir(Path(cfg.run.out_dir))
+        unlock_run_dir(out)
 
 
 def _train(cfg: Config, fresh: bool) -> dict:
@@ -330,18 +375,32 @@ def _train(cfg: Config, fresh: bool) -> dict:
 
         tb = SummaryWriter(str(out / "tb"))
 
-    # Resume from the newest complete checkpoint (partial ones are removed first).
+    # Resume from the newest checkpoint that verifies and loads (partial ones are removed first, corrupt ones
+    # renamed aside), with this run's settings where they changed.
     ck_dir = out / "checkpoints"
     if dist.is_main():
         for p in ckpt.clean_partial(ck_dir):
             log(f"removed partial checkpoint {p}")
-    dist.barrier()
-    latest, state, rng = ckpt.latest_checkpoint(ck_dir), RunState(), None
+    had_checkpoints = bool(ckpt.step_dirs(ck_dir))
+
+    def load(path: Path):
+        changes = ckpt.check_resume(path, cfg)
+        return restore(path, model, optimizer, scheduler, scaler, saved_names, device, tc), changes
+
+    latest, loaded = load_newest(ck_dir, log, load)
+    state, rng = RunState(), None
     if latest is not None:
-        state, rng = restore(latest, model, optimizer, scheduler, scaler, saved_names, device)
+        (state, rng), changes = loaded
+        if state.step > tc.max_steps:
+            raise ckpt.ResumeError(f"train.max_steps: {tc.max_steps} is below the step of {latest} ({state.step}); "
+                                   f"set at least {state.step}, or start over with --fresh")
         sampler.load_state_dict(state.sampler)
         log(f"resumed from {latest} (step {state.step})")
+        for key, old, new in changes:
+            log(f"resume: {key} {ckpt.show(old)} -> {ckpt.show(new)}")
     else:
+        if had_checkpoints:
+            log(f"no checkpoint in {ck_dir} verifies: starting from step 0")
         log(parameter_summary(model))
     frozen = cfg.model.freeze_encoder_steps > state.step
     if frozen:
@@ -362,7 +421,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
             trainer = {"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng, **asdict(state)}
             path = ckpt.save_checkpoint(ck_dir, state.step, checkpoint_state(model, saved_names),
                                         optimizer.state_dict(), trainer, to_toml(cfg))
-            ckpt.prune(ck_dir, tc.keep_last, {state.best["step"]})
+            ckpt.prune(ck_dir, tc.keep_last, {state.best["step"], state.step})
             log(f"saved {path}")
         dist.barrier()
 
@@ -597,14 +656,16 @@ def _evaluate_only(cfg: Config, checkpoint: str | None) -> dict:
     use_allocator(cfg, device, log)
     seed_everything(cfg.run.seed)
     bundle, data = prepare(cfg, out, log)
-    path = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(out / "checkpoints")
+    path, loaded = Path(checkpoint) if checkpoint else None, None
+    if path is None:  # the newest that verifies and loads
+        path, loaded = load_newest(out / "checkpoints", log, lambda p: ckpt.load_checkpoint(p, verified=True))
     step = 0
     if path is not None:
         if not path.is_dir():
             raise TrainingError(f"--checkpoint: not a folder: {path}")
         if (path / "model.pt").is_file():  # a training checkpoint: the same parameter set-up (LoRA) first
             select_parameters(bundle, cfg.train, cfg.lora)
-            state, _, trainer_state = ckpt.load_checkpoint(path)
+            state, _, trainer_state = loaded or ckpt.load_checkpoint(path)
             step = trainer_state["step"]
             partial = set(state) if cfg.train.save_trainable_only else None
         elif (path / "config.json").is_file():  # an exported folder: merged weights, the base architecture

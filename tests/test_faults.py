@@ -168,9 +168,10 @@ import sys, time
 import asr.checkpoint as ck
 real = ck._save_file
 def save_file(obj, path):
-    real(obj, path)
+    entry = real(obj, path)
     if path.parent.name.startswith(ck.TMP_PREFIX + "step-000004") and path.name == "model.pt":
         time.sleep(600)
+    return entry
 ck._save_file = save_file
 import run
 sys.exit(run.main(sys.argv[1:]))

@@ -164,9 +164,9 @@ def test_resume_with_other_learning_rate_groups_fails_in_one_line(tmp_path, caps
     exp = write_exp(cfg, tmp_path / "exp.toml")
     assert run.main(["--exp", str(exp)]) == 0
     capsys.readouterr()
-    assert run.main(["--exp", str(exp), "--set", "train.max_steps=2", "--set", 'train.lr_scale={"lm_head" = 10.0}']) == 1
+    assert run.main(["--exp", str(exp), "--set", "train.max_steps=2", "--set", 'train.lr_scale={"lm_head" = 10.0}']) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: checkpoint ") and "train.lr_scale" in err and "\n" not in err
+    assert err.startswith("error: cannot resume ") and "train.lr_scale.lm_head" in err and "\n" not in err
 
 
 def test_make_optimizer_groups_follow_the_schedule():

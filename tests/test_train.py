@@ -96,8 +96,8 @@ def test_checkpoints_keep_last_plus_best(finished_run):
     expected = {f"step-{s:06d}" for s in (30, 40, best_step)}
     assert {p.name for p in ck.iterdir()} == expected
     for name in expected:
-        assert sorted(p.name for p in (ck / name).iterdir()) == ["config.toml", "model.pt", "optimizer.pt",
-                                                                  "trainer.pt"]
+        assert sorted(p.name for p in (ck / name).iterdir()) == ["config.toml", "manifest.json", "model.pt",
+                                                                  "optimizer.pt", "trainer.pt"]
     trainer = torch.load(ck / "step-000040" / "trainer.pt", weights_only=False)
     assert trainer["step"] == 40
     assert {"scheduler", "scaler", "sampler", "rng", "best", "totals"} <= set(trainer)
