@@ -307,7 +307,7 @@ class Window:
 
 def check_settings(cfg: Config) -> None:
     """Before the run folder is written to (config.toml): a ResumeError when the run would resume from a
-    checkpoint saved with settings it cannot change (checkpoint.RESUME_FIXED)."""
+    checkpoint saved with settings it cannot change (config.RESUME_FIXED)."""
     for _, path in reversed(ckpt.step_dirs(Path(cfg.run.out_dir) / "checkpoints")):
         if ckpt.saved_config(path) is not None:  # else a broken checkpoint, renamed aside later
             ckpt.check_resume(path, cfg)
