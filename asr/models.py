@@ -3,10 +3,11 @@ label construction, per-batch inputs on the device, and export as `save_pretrain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,6 +244,11 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
         raise ModelError(f"model.name: cannot load CTC model '{cfg.name}': {_first_line(e)}") from None
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
+    # The vector that replaces time-masked frames: without time masking (feature masking alone makes the
+    # model create it) it is never used, and DistributedDataParallel stops on a parameter without gradient.
+    embed = getattr(model.base_model, "masked_spec_embed", None)
+    if embed is not None and not (getattr(model.config, "apply_spec_augment", True) and model.config.mask_time_prob > 0):
+        embed.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Bundle("ctc", model, cfg, vocab=vocab)
@@ -335,6 +341,59 @@ def parameter_summary(model: torch.nn.Module) -> str:
     n = sum(c[1] for c in counts.values())
     lines.append(f"{'all':{width}s} {t:13,d} {n:13,d} ({100 * t / max(n, 1):.2f}% trainable)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# LayerDrop under DistributedDataParallel.
+
+_LAYERDROP_KEYS = ("layerdrop", "encoder_layerdrop", "decoder_layerdrop")  # CTC encoders; Whisper
+
+
+def uses_layerdrop(model: torch.nn.Module) -> bool:
+    """Whether the model skips whole layers at random in training (LayerDrop, any stack)."""
+    return any((getattr(model.config, k, 0) or 0) > 0 for k in _LAYERDROP_KEYS)
+
+
+class _SharedDraws(torch.overrides.TorchFunctionMode):
+    """Serves `torch.rand([])`, the call with which transformers draws each LayerDrop decision (every CTC
+    encoder, Whisper's encoder and decoder), from `generator` instead of the global one."""
+
+    def __init__(self, generator: torch.Generator):
+        super().__init__()
+        self.generator = generator
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.rand and args in (([],), ((),)) and not kwargs:
+            return torch.rand([], generator=self.generator)
+        return func(*args, **(kwargs or {}))
+
+
+def numpy_layer_drop(model: torch.nn.Module) -> str | None:
+    """The name of a module that draws LayerDrop from numpy's global generator (the downsampling adapter of
+    Wav2Vec2, WavLM, Data2VecAudio, Wav2Vec2-Conformer with `add_adapter`), which differs between ranks."""
+    import inspect
+
+    for name, module in model.named_modules():
+        if (getattr(module, "layerdrop", 0) or 0) > 0 and "np.random" in inspect.getsource(type(module).forward):
+            return name
+    return None
+
+
+def layer_drop_generator(seed: int, step: int, micro: int) -> torch.Generator:
+    """The generator of LayerDrop's draws in micro-batch `micro` of optimizer step `step` (0-based)."""
+    key = hashlib.blake2b(f"layerdrop/{seed}/{step}/{micro}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def layer_drop_context(model: torch.nn.Module, seed: int, step: int, micro: int):
+    """The context of one training forward: its LayerDrop decisions come from `layer_drop_generator`, so
+    every rank skips the same layers (DistributedDataParallel needs the same graph on every rank), the same
+    as one process with the whole global batch, and the same in a resumed run. The global generator's
+    stream differs between ranks (dropout draws from it by batch size). Nothing for a model without
+    LayerDrop."""
+    if not (model.training and uses_layerdrop(model)):
+        return nullcontext()
+    return _SharedDraws(layer_drop_generator(seed, step, micro))
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from asr.experiment import (EXPORT_INFO, Log, Progress, TrainingError, autocast_
                             lock_run_dir, pick_device, pick_precision, prepare, seed_everything, start_run,
                             unlock_run_dir, use_allocator)
 from asr.losses import DEFAULT_LOSS, loss_function
-from asr.models import (infer_family, loss_batch, model_inputs, parameter_summary, quiet_progress_bars,
-                        select_parameters, set_encoder_frozen)
+from asr.models import (infer_family, layer_drop_context, loss_batch, model_inputs, numpy_layer_drop,
+                        parameter_summary, quiet_progress_bars, select_parameters, set_encoder_frozen,
+                        uses_layerdrop)
 
 EVAL_SCALARS = ("wer", "cer", "wer_ortho", "cer_ortho", "loss", "insertion_rate", "empty_rate", "loop_rate",
                 "compression_ratio", "high_compression_rate", "length_ratio", "wer_change_since_step0")
@@ -490,7 +491,7 @@ def _train(cfg: Config, fresh: bool) -> dict:
                     batch, weight = fallback_batch(data.train, cfg), 0.0  # still join the gradient all-reduce
                 sync = i == len(micro) - 1 or ddp is model
                 with (nullcontext() if sync else ddp.no_sync()):
-                    with autocast():
+                    with autocast(), layer_drop_context(model, cfg.run.seed, state.step, i):  # same on every rank
                         outputs = ddp(**model_inputs(bundle, batch, device))
                     loss_sum, n = loss_fn(outputs, loss_batch(bundle, batch, device))
                     scaler.scale(loss_sum * (weight * dist.world_size() / n_estimate)).backward()
@@ -594,7 +595,14 @@ def wrap(model: torch.nn.Module, device: torch.device):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    adapter = numpy_layer_drop(model)
+    if adapter:
+        raise TrainingError(f"model: {adapter} draws its LayerDrop from numpy, differently on each rank; "
+                            f"set its layerdrop to 0 (model.layerdrop = 0) for multi-process training")
+    # LayerDrop skips the same layers on every rank (layer_drop_context), but their parameters get no
+    # gradient that step: the reducer must look for them (after each forward, a walk of the graph).
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=uses_layerdrop(model))
 
 
 def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
