@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
     from asr.data import DataError
     from asr.models import ModelError
     from asr.experiment import TrainingError, pick_device
-    from asr.train import evaluate_only, train
+    from asr.evaluation import evaluate_only
+    from asr.train import train
 
     try:
         if args.check:

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -91,7 +92,22 @@ def unlock_run_dir(out: Path) -> None:
     """Release this process's lock of `out` (if it holds it)."""
     fd = _HELD.pop(str(Path(out).resolve()), None)
     if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)  # also for the copies forked loader workers may still hold
         os.close(fd)
+
+
+def _forget_locks_in_child() -> None:
+    # A forked process (a data-loader worker) shares the lock's open file: its copy must not keep the lock
+    # after the run lets it go, nor take part in it.
+    for fd in _HELD.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,8 +128,12 @@ class Log:
             self.progress.clear()
         print(msg, flush=True)
         if self.file:
-            self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
-            self.file.flush()
+            try:
+                self.file.write(time.strftime("%Y-%m-%d %H:%M:%S ") + msg + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: the terminal still has the log, and the run goes on
+                self.file = None
+                print(f"warning: train.log no longer written: {e.strerror or e}", flush=True)
 
     def close(self) -> None:
         if self.progress:
@@ -149,6 +169,46 @@ class Progress:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
             self.width = 0
+
+
+class Board:
+    """TensorBoard's SummaryWriter (rank 0 only) whose write failures (a full disk, a file size limit) end
+    TensorBoard logging with one log line rather than a traceback from its writer thread: the run goes on,
+    its checkpoints and eval files are what counts."""
+
+    def __init__(self, folder: Path, log: Log):
+        self.folder, self.log, self.writer = folder, log, None
+        if threading.excepthook is not _quiet_tensorboard_thread:
+            _quiet_tensorboard_thread.default = threading.excepthook
+            threading.excepthook = _quiet_tensorboard_thread
+        self._call(lambda: setattr(self, "writer", _summary_writer(folder)))
+
+    def _call(self, fn) -> None:
+        try:
+            fn()
+        except OSError as e:
+            self.writer = None
+            self.log(f"warning: TensorBoard logging stopped: cannot write {self.folder}: {e.strerror or e}")
+
+    def __getattr__(self, name: str):  # add_scalar, add_text, add_audio, flush, close
+        def call(*args, **kwargs):
+            if self.writer is not None:
+                self._call(lambda: getattr(self.writer, name)(*args, **kwargs))
+        return call
+
+
+def _summary_writer(folder: Path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder))
+
+
+def _quiet_tensorboard_thread(args) -> None:
+    # TensorBoard's writer thread re-raises a failed write after storing it; the next call from the run's
+    # thread raises it again, and Board turns that into one log line.
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _quiet_tensorboard_thread.default(args)
 
 
 def pick_device(name: str) -> torch.device:
@@ -224,8 +284,9 @@ def build_vocab(cfg: Config, raw: dict, out_dir: Path):
     return vocab
 
 
-def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
-    """Read the sources, build the model, filter the data with the model's labels, write data_report.json."""
+def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[Bundle, Data]:
+    """Read the sources, build the model, filter the data with the model's labels, write data_report.json
+    (unless not `report`: an evaluation-only run leaves the training run's report as it is)."""
     raw, bad = read_data(cfg)
     family = infer_family(cfg.model)
     vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
@@ -244,7 +305,7 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
     train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
     limit = cfg.eval.max_utterances or None
     eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
-    if dist.is_main():
+    if dist.is_main() and report:
         write_report(reports, out_dir / "data_report.json")
     log(format_report(reports))
     for set_name, src, split in eval_set_specs(cfg):
@@ -254,6 +315,17 @@ def prepare(cfg: Config, out_dir: Path, log: Log) -> tuple[Bundle, Data]:
             raise DataError(f"evaluation set '{set_name}' ({src}/{split}): no utterance left after filtering "
                             f"({r.total} read: {why}; see {out_dir / 'data_report.json'})")
     return bundle, Data(train, eval_sets, reports)
+
+
+def record_decode_failures(data: Data, key: str, by_id: dict, failures: list, cfg: Config, out: Path, log: Log,
+                           write: bool = True) -> None:
+    """Count clips (`by_id`: id -> Utterance) that failed to decode when loaded in data_report.json's split
+    `key`, each once, with a log line the first time, and rewrite the report (when `write`)."""
+    new = [(i, e) for i, e in failures if data.reports[key].decode_failed(by_id[i], e, cfg.data.report_examples)]
+    for utt_id, err in new:
+        log(f"dropped {utt_id}: {err}")
+    if new and write and dist.is_main():
+        write_report(data.reports, out / "data_report.json")
 
 
 def check_decoding(cfg: Config) -> None:
@@ -294,14 +366,15 @@ def use_allocator(cfg: Config, device: torch.device, log: Log) -> None:
                                            f" (run.allocator = {asked!r} is not in effect: {why[asked]})"))
 
 
-def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
-    """The run folder (cleared of the old run's state with `fresh`, of half-written folders always), its
-    log and resolved config, seeds, and on a new run the pre-flight data checks."""
+def start_run(cfg: Config, fresh: bool = False, training: bool = True) -> tuple[torch.device, Path, Log]:
+    """The run folder, locked (cleared of the old run's state with `fresh`, of half-written folders always),
+    its log, seeds; for training also its resolved config.toml and, on a new run, the pre-flight data checks
+    (an evaluation-only run writes neither: the folder's config.toml stays the training run's)."""
     device = pick_device(cfg.run.device)
     check_decoding(cfg)
     out = Path(cfg.run.out_dir)
     lock_run_dir(out)  # before anything in it is removed or written
-    if fresh and dist.is_main() and out.exists():
+    if fresh and training and dist.is_main() and out.exists():
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         for name in ("tb", "eval", "best", "final", "vocab", "results.json", "train.log", "preflight.json"):
             p = out / name
@@ -312,13 +385,14 @@ def start_run(cfg: Config, fresh: bool) -> tuple[torch.device, Path, Log]:
     if dist.is_main():
         for p in ckpt.clean_partial(out):  # an export or vocabulary write killed half-way
             log(f"removed partial {p}")
-        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        if training:
+            ckpt.write_files({out / "config.toml": to_toml(cfg)})
     use_allocator(cfg, device, log)
     seed_everything(cfg.run.seed)
     if cfg.run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    if cfg.preflight.enabled and dist.is_main() and not ckpt.latest_checkpoint(out / "checkpoints"):
+    if training and cfg.preflight.enabled and dist.is_main() and not ckpt.latest_checkpoint(out / "checkpoints"):
         from asr.preflight import format_preflight, preflight, write_preflight
 
         report = preflight(cfg)

@@ -216,12 +216,13 @@ def test_a_dev_split_with_a_header_and_no_rows_is_a_startup_error(tmp_path, caps
 def test_an_evaluation_of_no_decoded_clip_is_never_the_best(tmp_path, monkeypatch):
     """The evaluation of step 2 loses every clip to decoding errors: its scores are null (before: WER 0,
     which made it the best), the best stays where it was, TensorBoard gets no score for it."""
+    import asr.evaluation
     import asr.train as T
     from asr import data
     from asr.audio import AudioError
 
     broken, calls = {"on": False}, []
-    real_evaluate, real_load = T.evaluate, data.load_utterance_audio
+    real_evaluate, real_load = asr.evaluation.evaluate, data.load_utterance_audio
 
     def evaluate(*args, **kwargs):
         calls.append(1)
@@ -236,7 +237,7 @@ def test_an_evaluation_of_no_decoded_clip_is_never_the_best(tmp_path, monkeypatc
             raise AudioError(f"{utt.path}: cannot decode audio (simulated)")
         return real_load(utt, sample_rate)
 
-    monkeypatch.setattr(T, "evaluate", evaluate)
+    monkeypatch.setattr(asr.evaluation, "evaluate", evaluate)
     monkeypatch.setattr(data, "load_utterance_audio", load)
     out = tmp_path / "run"
     results = T.train(config(out, max_steps=4, eval_every=2), fresh=True)
@@ -356,8 +357,8 @@ def test_disk_full_while_writing_an_evaluation(tmp_path, monkeypatch, capsys, ch
                        f"{out / 'checkpoints' / 'step-000002'}")
         assert steps(out) == [2]
     ckpt.load_checkpoint(out / "checkpoints" / "step-000002")
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-000002.json", "step-000002.tsv",
-                                                                "step-000002.worst.tsv"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-000002.errs.txt", "step-000002.json",
+                                                                "step-000002.tsv", "step-000002.worst.tsv"]
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert not (out / "final").exists() and not (out / "results.json").exists()
     read_json(out / "eval" / "step-000002.json")

@@ -20,7 +20,8 @@ import torch
 
 from asr import checkpoint as ckpt
 from asr.config import ConfigError, to_toml, validate
-from asr.train import evaluate_only, train
+from asr.evaluation import evaluate_only
+from asr.train import train
 
 from helpers import final_params, scalars, tiny_ctc_config, write_exp
 

@@ -82,9 +82,11 @@ def test_a_loss_or_decoder_that_does_not_fit_is_a_settings_error(overrides, word
 
 @needs_whisper_base
 def test_a_ctc_loss_on_whisper_is_a_settings_error_before_any_data_is_read(tmp_path, capsys, monkeypatch):
+    import asr.evaluation
     import asr.train
 
-    monkeypatch.setattr(asr.train, "prepare", lambda *a, **k: pytest.fail("data were read"))
+    for module in (asr.train, asr.evaluation):
+        monkeypatch.setattr(module, "prepare", lambda *a, **k: pytest.fail("data were read"))
     cfg = tiny_whisper_config(tmp_path / "run")
     exp = write_exp(cfg, tmp_path / "exp.toml")
     for args in (["--set", "train.loss=ctc"], ["--eval-only", "--set", "train.loss=ctc"],

@@ -178,12 +178,14 @@ def test_a_second_signal_does_not_cut_the_save_of_the_first(tmp_path):
 
 @pytest.fixture
 def no_data_preparation(monkeypatch):
+    import asr.evaluation
     import asr.train
 
     def prepare(*args, **kwargs):
         raise AssertionError("data were prepared before the checkpoint was checked")
 
     monkeypatch.setattr(asr.train, "prepare", prepare)
+    monkeypatch.setattr(asr.evaluation, "prepare", prepare)
 
 
 def test_eval_only_with_a_missing_checkpoint_fails_before_reading_data(tmp_path, capsys, no_data_preparation):
@@ -219,3 +221,24 @@ def test_eval_only_with_a_ctc_checkpoint_on_a_whisper_experiment_names_both_fami
     assert run.main(["--exp", str(exp), "--eval-only", "--checkpoint", str(step)]) == 2
     err = one_line_error(capsys)
     assert f"{step} is a CTC model, the experiment configures a Whisper model" in err, err
+
+
+# ---------------------------------------------------------------------------------------
+# TensorBoard on a full disk.
+
+
+def test_a_tensorboard_write_failure_is_one_log_line_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    from torch.utils.tensorboard import SummaryWriter
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(SummaryWriter, "add_scalar", full)
+    out = tmp_path / "run"
+    cfg = tiny_ctc_config(out, max_steps=2)
+    cfg.eval.at_start = False
+    assert run.main(["--exp", str(write_exp(cfg, tmp_path / "exp.toml"))]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if "TensorBoard" in line]
+    assert warnings == [f"warning: TensorBoard logging stopped: cannot write {out / 'tb'}: No space left on device"]
+    assert "Traceback" not in captured.err and (out / "results.json").is_file()

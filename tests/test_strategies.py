@@ -18,7 +18,8 @@ from asr.config import EvalSetConfig, SourceConfig, TrainConfig, validate
 from asr.data import AudioDataset, collate
 from asr.models import model_inputs, select_parameters
 from asr.experiment import EXPORT_INFO, Log, prepare, seed_everything
-from asr.train import lr_lambda, make_optimizer, train
+from asr.optim import lr_lambda, make_optimizer
+from asr.train import train
 
 from helpers import (FIXTURE, final_params, needs_whisper_base, read_json, read_tsv, scalars, tiny_ctc_config,
                      tiny_whisper_config, write_exp)
@@ -462,21 +463,21 @@ def two_set_config(out, second: Path, max_steps: int = 4):
 
 
 def test_eval_sets_files_tags_and_best_on_the_first(tmp_path, monkeypatch):
-    import asr.train
+    import asr.evaluation
 
     second = tmp_path / "cv-de"
     shutil.copytree(FIXTURE, second)
     # WER per evaluation, (first set, second set) at steps 0, 2, 4: the first set is best at step 2, the
     # second at step 4. The real evaluation runs; only its WER is replaced.
     planned = [80.0, 90.0, 50.0, 70.0, 60.0, 10.0]
-    real = asr.train.evaluate
+    real = asr.evaluation.evaluate
 
     def evaluate(bundle, utts, *args, **kwargs):
         metrics, rows = real(bundle, utts, *args, **kwargs)
         metrics["wer"] = planned.pop(0)
         return metrics, rows
 
-    monkeypatch.setattr(asr.train, "evaluate", evaluate)
+    monkeypatch.setattr(asr.evaluation, "evaluate", evaluate)
     out = tmp_path / "run"
     results = train(two_set_config(out, second), fresh=True)
     assert planned == []

@@ -64,8 +64,17 @@ def test_run_layout(finished_run):
             assert 0 <= metrics[key] < 1000, key
         assert metrics["n"] == 8 and metrics["step"] == step
         rows = read_tsv(out / "eval" / f"step-{step:06d}.tsv")
-        assert list(rows[0]) == ["id", "reference", "hypothesis"]
+        assert list(rows[0]) == ["id", "speaker", "language", "duration", "ref_words", "substitutions",
+                                 "deletions", "insertions", "reference", "hypothesis"]
         assert len(rows) == 8
+        # The per-utterance counts add up to the set's WER; the JSON says what was evaluated.
+        errors = sum(int(r[k]) for r in rows for k in ("substitutions", "deletions", "insertions"))
+        assert metrics["ref_words"] == sum(int(r["ref_words"]) for r in rows)
+        assert 100.0 * errors / metrics["ref_words"] == pytest.approx(metrics["wer"])
+        assert (metrics["set"], metrics["split"], metrics["decode"], metrics["loss_name"]) == ("tr", "dev", "greedy", "ctc")
+        assert metrics["wer_ci95"][0] <= metrics["wer"] <= metrics["wer_ci95"][1]
+        assert sum(g["utterances"] for g in metrics["per_speaker"].values()) == 8
+        assert (out / "eval" / f"step-{step:06d}.errs.txt").read_text().startswith("%WER = ")
         refs = {r["sentence"] for r in read_tsv(FIXTURE / "dev.tsv")}
         assert {r["reference"] for r in rows} == refs
 
@@ -230,7 +239,9 @@ def test_extending_a_finished_run_uses_the_new_schedule(tmp_path):
                                     keep_last=10))
     assert results["steps"] == 8
     lr = dict(scalars(out)["train/lr"])
-    assert lr[4] == pytest.approx(0.0) and lr[5] == pytest.approx(2e-3 * 3 / 8)
+    # The logged lr is the one the step used: step 4 the old schedule's last (1/4 of the peak), step 5 the
+    # new schedule's (4/8 of it), where the old one would have had none left.
+    assert lr[4] == pytest.approx(2e-3 * 1 / 4) and lr[5] == pytest.approx(2e-3 * 4 / 8)
     step4 = final_params(out / "checkpoints" / "step-000004")
     step5 = final_params(out / "checkpoints" / "step-000005")
     assert any(not torch.equal(step4[k], step5[k]) for k in step4), "step 5 ran with the old zero learning rate"

@@ -1,0 +1,99 @@
+"""Resuming a run: what a checkpoint carries besides weights (RunState), loading the newest checkpoint that
+verifies into the training objects with this run's settings, and the weights of a model alone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from asr import checkpoint as ckpt
+from asr import distributed as dist
+from asr.config import Config
+from asr.experiment import TrainingError
+from asr.optim import apply_settings
+
+
+@dataclass
+class RunState:
+    """What a checkpoint carries besides weights and optimizer: where the run is and what it has seen."""
+
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"wer": math.inf, "cer": math.inf, "step": -1})
+    totals: dict = field(default_factory=lambda: {"samples": 0, "audio_s": 0.0, "time": 0.0})
+    baseline: dict = field(default_factory=dict)  # WER of each evaluation set at step 0 (forgetting)
+    skipped_steps: int = 0  # non-finite steps skipped in the whole run
+    sampler: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})
+
+
+def checkpoint_state(model: torch.nn.Module, names: set[str] | None) -> dict:
+    """The model's state dict, or only the entries in `names` (train.save_trainable_only)."""
+    state = model.state_dict()
+    return state if names is None else {k: v for k, v in state.items() if k in names}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, names: set[str] | None, where: str) -> None:
+    """Load a checkpoint's weights; with `names`, a partial state over the freshly built base model."""
+    try:
+        if names is None:
+            model.load_state_dict(state)
+        else:
+            missing = set(state) - set(model.state_dict())
+            if missing:
+                raise RuntimeError(f"unexpected keys {sorted(missing)[:3]}")
+            model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # another model, or a CTC head for another vocabulary than the run's
+        raise TrainingError(f"{where} does not fit the configured model "
+                            f"({str(e).strip().splitlines()[-1].strip()[:200]})") from None
+
+
+def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device, tc) -> tuple[RunState, list]:
+    """Load a (verified) checkpoint into the training objects, with the optimizer and schedule settings of train
+    config `tc` (a resume may change them); returns the run state and every rank's RNG states."""
+    model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device, verified=True)
+    load_model_state(model, model_state, saved_names, f"checkpoint {path}")
+    try:
+        optimizer.load_state_dict(optim_state)
+    except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
+        raise TrainingError(f"checkpoint {path}: its optimizer state does not fit this run ({e}); "
+                            f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
+                            ) from None
+    scheduler.load_state_dict(trainer["scheduler"])
+    apply_settings(model, optimizer, scheduler, tc)
+    if trainer["scaler"]:  # empty when saved without fp16 (train.precision or run.device changed since)
+        scaler.load_state_dict(trainer["scaler"])
+    state = RunState(trainer["step"], trainer["best"], trainer["totals"], trainer.get("baseline", {}),
+                     trainer.get("skipped_steps", 0), trainer["sampler"])
+    return state, trainer["rng"]
+
+
+def check_settings(cfg: Config) -> None:
+    """Before the run folder is written to (config.toml): a ResumeError when the run would resume from a
+    checkpoint saved with settings it cannot change (config.RESUME_FIXED)."""
+    for _, path in reversed(ckpt.step_dirs(Path(cfg.run.out_dir) / "checkpoints")):
+        if ckpt.saved_config(path) is not None:  # else a broken checkpoint, renamed aside later
+            ckpt.check_resume(path, cfg)
+            return
+
+
+def load_newest(ck_dir: Path, log, load) -> tuple[Path | None, object]:
+    """(path, `load(path)`) of the newest checkpoint in `ck_dir` that verifies and loads, on every rank, or
+    (None, None). One that fails either is renamed aside (`step-N.corrupt`) with a log line saying why."""
+    while True:
+        if dist.is_main():
+            ckpt.newest_verified(ck_dir, log)  # renames aside the newer ones that fail verification
+        dist.barrier()
+        path = ckpt.latest_checkpoint(ck_dir)
+        if path is None:
+            return None, None
+        try:
+            result, reason = load(path), None
+        except ckpt.CorruptCheckpoint as e:
+            result, reason = None, e.reason
+        (failed,) = dist.sum_values(float(reason is not None))
+        if not failed:
+            return path, result
+        if dist.is_main():
+            ckpt.set_aside(path, reason or "cannot be loaded on another rank", log)
