@@ -5,6 +5,7 @@
     python run.py --exp experiments/demo.toml --print-config
     python run.py --exp experiments/demo.toml --check          (pre-flight data checks only)
     python run.py --exp experiments/demo.toml --eval-only [--checkpoint runs/demo/best]
+    python run.py --run runs/demo --eval-only --set eval.split=test   (the run's own saved settings)
     torchrun --nproc_per_node=2 run.py --exp experiments/demo.toml
 """
 
@@ -38,11 +39,30 @@ def quiet_libraries():
     return restore
 
 
+def run_settings(cfg, overrides: list[str]):
+    """What --eval-only evaluates with: the run's own saved settings (its config.toml, with the same
+    --set on top) when the experiment's run folder has them, so a run trained with overrides is evaluated
+    as it was trained; a note names the settings where the experiment file says otherwise."""
+    from pathlib import Path
+
+    from asr.config import config_changes, load_run_config
+
+    folder = Path(cfg.run.out_dir)
+    if not (folder / "config.toml").is_file():
+        return cfg
+    saved = load_run_config(folder, overrides)
+    ignored = [key for key, _, _ in config_changes(saved, cfg)]
+    print(f"evaluating with the run's own settings ({folder / 'config.toml'})"
+          + (f"; the experiment file's differ in {', '.join(ignored)} (not used)" if ignored else ""), flush=True)
+    return saved
+
+
 def main(argv: list[str] | None = None, restart: bool = False) -> int:
     """The command line; with `restart` (as a script) it may first restart itself with another C allocator
     preloaded (run.allocator, asr/allocator.py)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--exp", required=True, help="experiment TOML file")
+    parser.add_argument("--exp", help="experiment TOML file")
+    parser.add_argument("--run", help="a run folder: its saved config.toml is the experiment (with --set on top)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. train.lr=1e-4 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
@@ -53,10 +73,18 @@ def main(argv: list[str] | None = None, restart: bool = False) -> int:
     parser.add_argument("--checkpoint", help="with --eval-only: a checkpoint or exported model folder")
     args = parser.parse_args(argv)
 
-    from asr.config import ConfigError, load_config, to_toml
+    from asr.config import ConfigError, load_config, load_run_config, to_toml
 
+    if bool(args.exp) == bool(args.run):
+        print("error: give the experiment as --exp FILE or --run FOLDER (one of them)", file=sys.stderr)
+        return 2
     try:
-        cfg = load_config(args.exp, args.overrides)
+        if args.run:
+            cfg = load_run_config(args.run, args.overrides)
+        else:
+            cfg = load_config(args.exp, args.overrides)
+            if args.eval_only:
+                cfg = run_settings(cfg, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

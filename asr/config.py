@@ -570,6 +570,23 @@ def read_saved_config(text: str) -> Config:
     return _build(Config, _known(Config, values))
 
 
+def load_run_config(folder: str | Path, overrides: list[str] = ()) -> Config:
+    """The settings a run folder was trained with (its config.toml, keys of older versions left out), then
+    `overrides`; run.out_dir is the folder itself (where the run is now)."""
+    path = Path(folder) / "config.toml"
+    if not path.is_file():
+        raise ConfigError(f"--run: no config.toml in {folder} (not a run folder)")
+    try:
+        cfg = read_saved_config(path.read_text(encoding="utf-8"))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg.run.out_dir = str(folder)
+    for o in overrides:
+        apply_override(cfg, o)
+    validate(cfg)
+    return cfg
+
+
 def _known(cls, values: dict) -> dict:
     hints, out = typing.get_type_hints(cls), {}
     for k, v in values.items():
