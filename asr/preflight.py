@@ -437,6 +437,12 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
             errors.append(f"{label}: all {d['decoded']} clips decoded failed "
                           f"({d['undecodable']['count']} undecodable, {d['non_finite']['count']} NaN/inf), "
                           f"e.g. {ex['detail']}")
+    for set_name, src, split in eval_set_specs(cfg):  # it would score no utterance: no result at all
+        s = result["splits"].get(f"{src}/{split}")
+        if s is not None and not s["filter"]["kept"]:
+            why = ", ".join(f"{k} {v}" for k, v in sorted(s["filter"]["dropped"].items())) or "no rows"
+            errors.append(f"evaluation set '{set_name}' ({src}/{split}): no utterance left after filtering "
+                          f"({s['filter']['total']} read: {why})")
     result["warnings"] = [f"{m} (not used by this run)" for m in unused_missing] + _warnings(result)
     result["time_s"] = round(time.time() - t0, 3)
     return result

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +74,18 @@ def tiny_whisper_config(out_dir, **train) -> Config:
     return cfg
 
 
+def tiny_run(root: Path, max_steps: int, *overrides: str) -> tuple[Path, Path]:
+    """A tiny CTC run trained through run.py's main with `overrides` (no step-0 evaluation): (experiment
+    file, run folder)."""
+    import run
+
+    cfg = tiny_ctc_config(root / "run", max_steps=max_steps)
+    cfg.eval.at_start = False
+    exp = write_exp(cfg, root / "exp.toml")
+    assert run.main(["--exp", str(exp), *[a for o in overrides for a in ("--set", o)]]) == 0
+    return exp, root / "run"
+
+
 def same_clips_config(cfg):
     """Train and evaluate on the 8 dev clips, all in one batch, at a zero learning rate: the train loss
     of step 1 and the eval loss after it are the same quantity on the same weights."""
@@ -121,3 +137,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------
+# Subprocesses and full disks (the fault tests).
+
+
+def env() -> dict:
+    # One intra-op thread: spinning OpenMP threads make a step many times slower on a busy machine.
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def start(args: list[str], logs: Path, group: bool = False) -> subprocess.Popen:
+    """A subprocess writing stdout/stderr to files (a pipe would be held open by an orphaned loader worker
+    after a SIGKILL). `group`: its own process group, as a terminal's foreground job."""
+    logs.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(args, cwd=REPO, env=env(), stdout=open(logs / "stdout", "w"),
+                            stderr=open(logs / "stderr", "w"), start_new_session=group)
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0, what: str = "") -> None:
+    """Poll `condition()` until true; fail if the process ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+class FullDisk:
+    """A binary file on a disk that fills up after `room` bytes: the write that crosses it writes what fits,
+    then raises ENOSPC (as os.write does), and so does every write after it."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if len(data) > self.room:
+            self.f.write(data[: self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()

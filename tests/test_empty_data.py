@@ -6,7 +6,6 @@ evaluation's files leaves nothing half-written and ends the run cleanly."""
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -23,7 +22,7 @@ from asr import checkpoint as ckpt
 from asr.audio import audio_info
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import FIXTURE, read_json, scalars, tiny_ctc_config, write_exp
+from helpers import FIXTURE, FullDisk, read_json, scalars, tiny_ctc_config, write_exp
 
 
 def reject(name):
@@ -189,16 +188,22 @@ def test_max_failed_fraction_is_validated(tmp_path, capsys, value):
 # An evaluation set with no utterance.
 
 
-@pytest.mark.parametrize("eval_only", [False, True])
-def test_a_dev_split_with_a_header_and_no_rows_is_a_startup_error(tmp_path, capsys, eval_only):
-    """Before: "wer 0.00 (n=0)", the untrained step-0 model exported as best/ with WER 0, NaN in results.json."""
-    import run
-
+def header_only_dev(tmp_path: Path) -> Path:
+    """The fixture corpus with a dev.tsv of a header and no rows."""
     corpus = tmp_path / "cv"
     shutil.copytree(FIXTURE, corpus, ignore=shutil.ignore_patterns("clips"))
     (corpus / "clips").symlink_to(FIXTURE / "clips")
     header = (FIXTURE / "dev.tsv").read_text(encoding="utf-8").splitlines()[0]
     (corpus / "dev.tsv").write_text(header + "\n", encoding="utf-8")
+    return corpus
+
+
+@pytest.mark.parametrize("eval_only", [False, True])
+def test_a_dev_split_with_a_header_and_no_rows_is_a_startup_error(tmp_path, capsys, eval_only):
+    """Before: "wer 0.00 (n=0)", the untrained step-0 model exported as best/ with WER 0, NaN in results.json."""
+    import run
+
+    corpus = header_only_dev(tmp_path)
     out = tmp_path / "run"
     exp = write_exp(config(out, corpus), tmp_path / "exp.toml")
     assert run.main(["--exp", str(exp)] + (["--eval-only"] if eval_only else [])) == 1
@@ -292,25 +297,6 @@ def test_json_text_maps_non_finite_numbers_to_null():
 # The disk fills up while an evaluation's files are written.
 
 
-class FullDisk:
-    """A file on a full disk: created, but every write fails with ENOSPC."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-
 def fill_disk_at(monkeypatch, full) -> None:
     """Files opened for writing whose path satisfies `full(path)` are on a full disk (builtins.open and
     io.open, which pathlib's write_text uses)."""
@@ -319,7 +305,7 @@ def fill_disk_at(monkeypatch, full) -> None:
     def open_(file, mode="r", *args, **kwargs):
         f = real_open(file, mode, *args, **kwargs)
         if isinstance(file, (str, os.PathLike)) and ("w" in mode or "a" in mode) and full(Path(file)):
-            return FullDisk(f)
+            return FullDisk(f, room=0)
         return f
 
     monkeypatch.setattr("builtins.open", open_)
@@ -446,3 +432,13 @@ def test_decoded_arrays_of_nan_from_a_table_fail_like_files(monkeypatch):
     assert data.load_utterance_audio(good, 16000).shape == (1600,)
     with pytest.raises(AudioError, match=r"^t/train/1: audio contains NaN or infinite samples$"):
         data.load_utterance_audio(bad, 16000)
+
+
+def test_a_dev_split_with_a_header_and_no_rows_is_a_preflight_error(tmp_path, capsys):
+    import run
+
+    corpus = header_only_dev(tmp_path)
+    exp = write_exp(config(tmp_path / "run", corpus), tmp_path / "exp.toml")
+    assert run.main(["--exp", str(exp), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "error: evaluation set 'tr' (tr/dev): no utterance left after filtering (0 read: no rows)" in out

@@ -9,18 +9,13 @@ import pytest
 import run
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import read_json, read_tsv, scalars, tiny_ctc_config, write_exp
+from helpers import read_json, read_tsv, scalars, tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A 2-step run trained with a --set the experiment file does not have (another model size)."""
-    root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_ctc_config(root / "run", max_steps=2)
-    cfg.eval.at_start = False
-    exp = write_exp(cfg, root / "exp.toml")
-    assert run.main(["--exp", str(exp), "--set", "model.hidden_size=48"]) == 0
-    return exp, root / "run"
+    return tiny_run(tmp_path_factory.mktemp("trained"), 2, "model.hidden_size=48")
 
 
 def test_eval_only_uses_the_runs_own_settings_and_keeps_its_files(trained, capsys):

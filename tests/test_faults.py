@@ -6,14 +6,12 @@ SIGINT/SIGTERM save a checkpoint at the current step and exit 130/143."""
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,8 @@ import torch
 from asr import checkpoint as ckpt
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import (REPO, final_params, read_json, scalars, tiny_ctc_config, write_exp)
+from helpers import (FullDisk, final_params, read_json, scalars, start, tiny_ctc_config, wait_for,
+                     write_exp)
 
 
 RUN_TIMEOUT = 180  # seconds for any one run.py subprocess
@@ -45,35 +44,10 @@ def fault_config(out: Path, **train):
     return cfg
 
 
-def env() -> dict:
-    # One intra-op thread: spinning OpenMP threads make a step many times slower on a busy machine.
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def start(args: list[str], logs: Path, group: bool = False) -> subprocess.Popen:
-    """A subprocess writing stdout/stderr to files (a pipe would be held open by an orphaned loader worker
-    after a SIGKILL). `group`: its own process group, as a terminal's foreground job."""
-    logs.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(args, cwd=REPO, env=env(), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"), start_new_session=group)
-
-
 def run_cli(exp: Path, logs: Path) -> subprocess.CompletedProcess:
     p = start([sys.executable, "run.py", "--exp", str(exp)], logs)
     rc = p.wait(timeout=RUN_TIMEOUT)
     return subprocess.CompletedProcess(p.args, rc, (logs / "stdout").read_text(), (logs / "stderr").read_text())
-
-
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 120.0, what: str = "") -> None:
-    """Poll `condition()` until true; fail if the process ends first or time runs out."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 def logged_step(out: Path, step: int):
@@ -407,32 +381,6 @@ def test_too_many_non_finite_steps_in_a_row_stop_with_one_line(tmp_path, monkeyp
 
 # ---------------------------------------------------------------------------------------
 # Out of disk.
-
-
-class FullDisk:
-    """A binary file on a disk that fills up after `room` bytes: the write that crosses it writes what fits,
-    then raises ENOSPC (as os.write does), and so does every write after it."""
-
-    def __init__(self, f, room: int):
-        self.f, self.room = f, room
-
-    def write(self, data) -> int:
-        data = bytes(data)
-        if len(data) > self.room:
-            self.f.write(data[: self.room])
-            self.room = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
 
 
 def test_out_of_disk_while_saving_is_one_clear_error(tmp_path, monkeypatch):

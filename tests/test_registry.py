@@ -14,7 +14,7 @@ from asr.decode import DECODERS, ctc_greedy, decode_tag
 from asr.losses import LOSSES
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import (REPO, needs_whisper_base, read_json, read_tsv, tiny_ctc_config,
+from helpers import (REPO, needs_whisper_base, read_json, read_tsv, tiny_run,
                      tiny_whisper_config, write_exp)
 
 DEMO = REPO / "experiments" / "demo.toml"
@@ -31,12 +31,7 @@ def greedy_blank_penalty(log_probs, lengths, vocab, cfg, blank_penalty: float = 
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory):
     """A CTC model trained for 3 steps: its greedy output is mostly blanks."""
-    root = tmp_path_factory.mktemp("short")
-    cfg = tiny_ctc_config(root / "run", max_steps=3)
-    cfg.eval.at_start = False
-    exp = write_exp(cfg, root / "exp.toml")
-    assert run.main(["--exp", str(exp)]) == 0
-    return exp, root / "run"
+    return tiny_run(tmp_path_factory.mktemp("short"), 3)
 
 
 def test_a_registered_decoder_runs_in_eval_only_with_its_arguments(short_run, monkeypatch, capsys):

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,30 +17,10 @@ import run
 from asr import experiment
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import REPO, WHISPER_BASE, needs_whisper_base, tiny_ctc_config, tiny_whisper_config, write_exp
+from helpers import (WHISPER_BASE, needs_whisper_base, start, tiny_ctc_config, tiny_whisper_config, wait_for,
+                     write_exp)
 
 RUN_TIMEOUT = 180
-
-
-def env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-
-
-def start(args: list[str], logs: Path) -> subprocess.Popen:
-    logs.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(args, cwd=REPO, env=env(), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
-
-
-def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"process exited ({proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def one_line_error(capsys) -> str:
@@ -62,7 +41,7 @@ def test_a_second_run_on_a_locked_folder_stops_and_a_killed_holder_leaves_no_loc
     holder = start([sys.executable, "run.py", "--exp", str(exp)], tmp_path / "logs")
     try:
         log = out / "train.log"
-        wait_until(lambda: log.is_file() and " step 1/" in log.read_text(), holder, "the first run's step 1")
+        wait_for(lambda: log.is_file() and " step 1/" in log.read_text(), holder, what="the first run's step 1")
         config_before, log_before = (out / "config.toml").read_text(), log.read_text()
         preflight_before = (out / "preflight.json").read_text()
         for args in ([], ["--eval-only"], ["--check"], ["--fresh"]):
@@ -158,10 +137,10 @@ def test_a_second_signal_does_not_cut_the_save_of_the_first(tmp_path):
     exp = write_exp(cfg, tmp_path / "exp.toml")
     proc = start([sys.executable, "-c", SLOW_SAVE, "--exp", str(exp)], tmp_path / "logs")
     log = out / "train.log"
-    wait_until(lambda: log.is_file() and " step 2/" in log.read_text(), proc, "step 2")
+    wait_for(lambda: log.is_file() and " step 2/" in log.read_text(), proc, what="step 2")
     proc.send_signal(sig)
     saving = lambda: any(out.glob("checkpoints/.tmp-step-*/model.pt"))  # noqa: E731
-    wait_until(saving, proc, "the save the signal asks for")
+    wait_for(saving, proc, what="the save the signal asks for")
     proc.send_signal(sig)
     assert proc.wait(timeout=RUN_TIMEOUT) == 128 + sig
     stderr = (tmp_path / "logs" / "stderr").read_text()
