@@ -128,6 +128,26 @@ def test_tensorboard_scalars(finished_run):
     change = tags["eval/tr/wer_change_since_step0"]
     step0 = read_json(out / "eval" / "step-000000.json")["wer"]
     assert change[-1][1] == pytest.approx(tags["eval/tr/wer"][-1][1] - step0)
+    # Every numeric key of the eval JSON, the step's time, its wait for the loader and the peak memory.
+    for key in ("ref_words", "failed", "n", "max_utterances"):
+        assert f"eval/tr/{key}" in tags, key
+    for tag in ("train/s_per_step", "train/loader_wait_s_per_step", "train/peak_memory_gb"):
+        assert [s for s, _ in tags[tag]] == [10, 20, 30, 40] and all(v >= 0 for _, v in tags[tag]), tag
+    assert 0.1 < tags["train/peak_memory_gb"][-1][1] < 24
+
+
+def test_tensorboard_config_and_worst_utterances_with_audio(finished_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, out, _ = finished_run
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"audio": 0, "tensors": 0})
+    acc.Reload()
+    assert {"eval/tr/worst_0", "eval/tr/worst_1", "eval/tr/worst_2"} <= set(acc.Tags()["audio"])
+    assert [e.step for e in acc.Audio("eval/tr/worst_0")] == [0, 10, 20, 30, 40]
+    texts = {t.split("/text_summary")[0] for t in acc.Tags()["tensors"]}
+    assert {"config", "eval/tr/worst_0", "eval/tr/examples"} <= texts
+    config = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert to_toml(cfg) in config
 
 
 def test_step0_is_evaluated_but_not_checkpointed(finished_run):
