@@ -118,6 +118,11 @@ def test_loss_args_reach_the_loss_in_a_whisper_run(tmp_path):
     plain.eval.at_start = False
     assert train(plain)["train_loss"][0][1] == pytest.approx(losses[0.0], rel=1e-6)
     assert losses[0.3] != pytest.approx(losses[0.0], rel=1e-4)
+    # A Whisper run's error analysis, and the two runs compared utterance by utterance.
+    assert (tmp_path / "eps0.3" / "eval" / "step-000001.errs.txt").read_text().startswith("%WER = ")
+    from asr.compare import main as compare
+
+    assert compare([str(tmp_path / "eps0.0"), str(tmp_path / "eps0.3"), "--json"]) == 0
 
 
 def test_the_saved_config_keeps_the_arguments(tmp_path, monkeypatch):
