@@ -47,11 +47,6 @@ def error_rates(refs: list[str], hyps: list[str], normalizer: str = "script", la
     return out
 
 
-def utterance_wer(ref: str, hyp: str) -> float:
-    errors, total, _ = _error_rate([ref], [hyp], "word")
-    return 100.0 * errors / max(total, 1)
-
-
 def compression_ratio(text: str) -> float:
     """UTF-8 bytes over zlib-compressed bytes; Whisper treats above 2.4 as a sign of repetition."""
     data = text.encode("utf-8")
@@ -140,11 +135,6 @@ def utterance_counts_all(refs: list[str], hyps: list[str], unit: str = "word") -
     same over characters (ref_chars), as behind error_rates' cer."""
     _check_lengths(refs=refs, hyps=hyps)
     return [_counts(p, "ref_words" if unit == "word" else "ref_chars") for p in _align(refs, hyps, unit)]
-
-
-def utterance_counts(ref: str, hyp: str) -> dict:
-    """utterance_counts_all for one utterance."""
-    return utterance_counts_all([ref], [hyp])[0]
 
 
 def _totals(counts: list[dict], length: str = "ref_words", rate: str = "wer") -> dict:

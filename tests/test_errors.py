@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from asr.metrics import breakdown, error_analysis, error_rates, format_errs, utterance_counts, utterance_counts_all
+from asr.metrics import breakdown, error_analysis, error_rates, format_errs, utterance_counts_all
 from asr.text import NORMALIZERS
 from helpers import FIXTURE
 
@@ -46,7 +46,7 @@ def perturbed(refs: list[str]) -> list[str]:
 def test_utterance_counts_known_sdi():
     refs, hyps = [c[0] for c in CASES], [c[1] for c in CASES]
     for ref, hyp, *sdih in CASES:
-        assert utterance_counts(ref, hyp) == expected(*sdih), (ref, hyp)
+        assert utterance_counts_all([ref], [hyp])[0] == expected(*sdih), (ref, hyp)
     counts = utterance_counts_all(refs, hyps)
     assert counts == [expected(*c[2:]) for c in CASES]
     errors = sum(c["substitutions"] + c["deletions"] + c["insertions"] for c in counts)
@@ -95,8 +95,8 @@ def test_confusion_pairs_counted_and_ranked():
 
 
 def test_empty_reference():
-    assert utterance_counts("", "bir iki") == expected(0, 0, 2, 0)
-    assert utterance_counts("  ", "") == expected(0, 0, 0, 0)
+    assert utterance_counts_all([""], ["bir iki"])[0] == expected(0, 0, 2, 0)
+    assert utterance_counts_all(["  "], [""])[0] == expected(0, 0, 0, 0)
     a = error_analysis(["e", "f"], ["", ""], ["bir iki", ""], ["", ""], ["Bir", ""])
     assert [u["aligned"] for u in a["utterances"]] == ["(*->bir) (*->iki)", ""]
     assert a["totals"]["wer"] == 200.0 == error_rates(["", ""], ["bir iki", ""])["wer"]
