@@ -140,11 +140,13 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(one_process, tmp
     assert_same_training(one, two)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_two_ranks_match_one_process_with_layerdrop(one_process, tmp_path, grad_accum):
+def test_two_ranks_match_one_process_with_layerdrop(one_process, tmp_path):
     """LayerDrop 0.1: both ranks skip the layers one process skips at that step and micro-batch, so the
     weights still agree. Before, DDP stopped at the second step after a skipped layer ("Expected to have
-    finished reduction"); with dropout on, the ranks' draws also differed (test_demo_experiment_...)."""
+    finished reduction"); with dropout on, the ranks' draws also differed (test_demo_experiment_...).
+    One micro-batch a step: accumulation under DDP is the no-LayerDrop twin's (grad_accum 1 and 2), and a
+    two-accumulation twin here passed before the fix too (it only cost suite time)."""
+    grad_accum = 1
     drops = [dropped_layers(0, step, micro, 4, 0.1) for step in range(6) for micro in range(grad_accum)]
     assert any(drops) and not all(drops)  # some steps skip layers, others do not
     one, two = one_process(grad_accum, layerdrop=True), tmp_path / "two"
