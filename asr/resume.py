@@ -26,6 +26,7 @@ class RunState:
     baseline: dict = field(default_factory=dict)  # WER of each evaluation set at step 0 (forgetting)
     skipped_steps: int = 0  # non-finite steps skipped in the whole run
     sampler: dict = field(default_factory=lambda: {"epoch": 0, "position": 0})
+    failed: dict = field(default_factory=lambda: {"epoch": None, "clips": []})  # this epoch's decode failures
 
 
 def checkpoint_state(model: torch.nn.Module, names: set[str] | None) -> dict:
@@ -65,7 +66,8 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
     if trainer["scaler"]:  # empty when saved without fp16 (train.precision or run.device changed since)
         scaler.load_state_dict(trainer["scaler"])
     state = RunState(trainer["step"], trainer["best"], trainer["totals"], trainer.get("baseline", {}),
-                     trainer.get("skipped_steps", 0), trainer["sampler"])
+                     trainer.get("skipped_steps", 0), trainer["sampler"],
+                     trainer.get("failed", {"epoch": None, "clips": []}))
     return state, trainer["rng"]
 
 

@@ -448,20 +448,20 @@ class FailedClips:
 
     def __init__(self, run: Run):
         self.run = run
-        self.epoch, self.failed = None, []  # this epoch's (id, error), over all ranks
         self.by_id = {u.id: u for u in run.data.train}
 
     def update(self, micro: list[dict]) -> None:
-        run = self.run
+        run, seen = self.run, self.run.state.failed  # this epoch's (id, error) over all ranks, in checkpoints
         local = [(b["sampler_state"]["epoch"], utt_id, err) for b in micro for utt_id, err in b["dropped"]]
         (n,) = dist.sum_values(float(len(local)))
         if not n:
             return
         rows = sorted(dist.gather_rows(local), key=lambda r: r[0])  # epoch order, whatever the ranks'
         for epoch, utt_id, err in rows:
-            if epoch != self.epoch:
-                self.epoch, self.failed = epoch, []
-            self.failed.append((utt_id, err))
+            if epoch != seen["epoch"]:
+                seen["epoch"], seen["clips"] = epoch, []
+            seen["clips"].append((utt_id, err))
+        self.epoch, self.failed = seen["epoch"], seen["clips"]
         for source in dict.fromkeys(self.by_id[i].source for _, i, _ in rows):
             record_decode_failures(run.data, f"{source}/train", self.by_id,
                                    [(i, e) for _, i, e in rows if self.by_id[i].source == source], run.cfg,

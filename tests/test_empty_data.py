@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 from asr import checkpoint as ckpt
 from asr.audio import audio_info
@@ -150,6 +151,39 @@ def test_one_failing_clip_in_32_trains_on_with_the_default_fraction(tmp_path, mo
     assert report["decode_failed"] == 1 and report["kept"] == 31
     assert report["decode_failed_reasons"] == {"cannot decode audio (simulated)": 1}
     assert report["examples"]["decode_failed"][0]["id"] == clip
+    # The epoch's failures travel with the checkpoint, so a resumed run goes on counting them.
+    trainer = torch.load(out / "checkpoints" / "step-000008" / "trainer.pt", weights_only=False)
+    assert trainer["failed"]["epoch"] == 1 and [i for i, _ in trainer["failed"]["clips"]] == [clip]
+
+
+def test_failures_counted_before_a_resume_still_count_after_it(tmp_path, monkeypatch, capsys):
+    """The epoch's first failure (step 3) is in the checkpoint the resumed run starts from; the clip that
+    fails at its step 4, in the same epoch, makes two, over data.max_failed_fraction's 1.5 of 32, and stops
+    it (before: the count began again at 0 and the run went on)."""
+    import run
+    from asr import data
+
+    fail_one_clip(monkeypatch)  # the 17th clip loaded: step 3 of epoch 1
+    out = tmp_path / "run"
+    cfg = config(out, max_steps=8)  # 4 steps an epoch
+    cfg.eval.at_start = False
+    cfg.data.max_failed_fraction = 1.5 / 32
+    cfg.train.save_every = 1
+    exp = write_exp(cfg, tmp_path / "exp.toml")
+    assert run.main(["--exp", str(exp), "--set", "train.max_steps=3"]) == 0
+    real, seen = data.load_utterance_audio, []
+
+    def first_fails(utt, sample_rate):
+        if not seen:
+            seen.append(utt.id)
+            raise data.AudioError(f"{utt.path}: cannot decode audio (simulated)")
+        return real(utt, sample_rate)
+
+    monkeypatch.setattr(data, "load_utterance_audio", first_fails)
+    capsys.readouterr()
+    assert run.main(["--exp", str(exp)]) == 1
+    err = capsys.readouterr().err
+    assert "error: 2 of 32 training clips failed to decode in epoch 1, more than data.max_failed_fraction" in err
 
 
 def test_one_failing_clip_stops_the_run_with_fraction_0(tmp_path, monkeypatch, capsys):
