@@ -18,6 +18,7 @@ import io
 import json
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -317,13 +318,6 @@ def load_for_eval(bundle, cfg: Config, out: Path, checkpoint: str | None, log) -
     return step
 
 
-class EvalRun:
-    """What `evaluate_and_write` needs of a run, for the evaluation-only command."""
-
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
-
-
 def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
     """Evaluate without training (see `load_for_eval` for which weights). Writes
     eval/step-N.<split>.<decoding>[.<set>].* beside the training run's files, so decoding settings sit side by
@@ -338,9 +332,9 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
         bundle.model.to(device)
         tb = Board(out / "tb", log) if dist.is_main() else None
         loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
-        run = EvalRun(cfg=cfg, bundle=bundle, data=data, device=device, out=out, log=log, tb=tb,
-                      loss_fn=loss_function(cfg.train, bundle.family), loss_name=loss_name,
-                      autocast=autocast_for(pick_precision(cfg.train.precision, device), device))
+        run = SimpleNamespace(cfg=cfg, bundle=bundle, data=data, device=device, out=out, log=log, tb=tb,  # as a Run
+                              loss_fn=loss_function(cfg.train, bundle.family), loss_name=loss_name,
+                              autocast=autocast_for(pick_precision(cfg.train.precision, device), device))
         tag, results = decode_tag(cfg.decode), {}
         for k, (name, src, split) in enumerate(eval_set_specs(cfg)):
             info = {"set": name, "split": split, "data": f"{src}/{split}", "step": step, "decode": tag,
