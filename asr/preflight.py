@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
-from asr.checkpoint import json_text
+from asr.checkpoint import json_text, write_files
 from asr.config import Config, toml_value, duplicate_source_names, eval_set_specs
 from asr.data import (WHISPER_MIN_S, Labeler, SplitReport, Utterance, control_chars_line, ctc_min_frames,
                       filter_utterances, load_utterance_audio, min_input_samples, read_source_split, source_name)
@@ -579,11 +579,8 @@ def format_preflight(result: dict) -> str:
 
 
 def write_preflight(result: dict, out_dir: str | Path) -> Path:
-    """Write `result` to <out_dir>/preflight.json (atomically); returns the path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "preflight.json"
-    tmp = out_dir / "preflight.json.tmp"
-    tmp.write_text(json_text(result), encoding="utf-8")
-    tmp.replace(path)
+    """Write `result` to <out_dir>/preflight.json (atomically: a failed write, e.g. a full disk, is a one-line
+    CheckpointError and leaves the previous file); returns the path."""
+    path = Path(out_dir) / "preflight.json"
+    write_files({path: json_text(result)})
     return path

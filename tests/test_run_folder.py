@@ -221,3 +221,25 @@ def test_a_tensorboard_write_failure_is_one_log_line_and_the_run_goes_on(tmp_pat
     warnings = [line for line in captured.out.splitlines() if "TensorBoard" in line]
     assert warnings == [f"warning: TensorBoard logging stopped: cannot write {out / 'tb'}: No space left on device"]
     assert "Traceback" not in captured.err and (out / "results.json").is_file()
+
+
+def test_check_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """preflight.json cannot be written: --check says so in one line (exit 1) and leaves no temporary file
+    (before: a traceback from write_text)."""
+    import builtins
+
+    from helpers import FullDisk
+
+    real_open = builtins.open
+
+    def open_(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        return FullDisk(f, room=0) if "preflight.json" in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", open_)
+    out = tmp_path / "run"
+    exp = write_exp(tiny_ctc_config(out), tmp_path / "exp.toml")
+    assert run.main(["--exp", str(exp), "--check"]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: cannot write {out / 'preflight.json'}: No space left on device"), err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
