@@ -31,8 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asr.config import Config, ConfigError, config_changes, is_fixed, read_saved_config, toml_value
-
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"
 OLD_PREFIX = TMP_PREFIX + "old-"  # a complete folder moved aside while its replacement is renamed in
@@ -433,40 +431,3 @@ def replace_dir(src: Path, dst: Path) -> None:
     src.rename(dst)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------
-# Resuming with changed settings.
-
-class ResumeError(ConfigError):
-    """Settings a resumed run cannot take (exit status 2, like any settings error); one line."""
-
-
-def saved_config_of(text: str) -> Config:
-    try:
-        return read_saved_config(text)
-    except ConfigError as e:
-        raise ResumeError(f"cannot read its config.toml ({e})") from None
-
-
-def show(value) -> str:
-    return "(unset)" if value is None else toml_value(value)
-
-
-def check_resume(path: Path, cfg: Config) -> list[tuple[str, object, object]]:
-    """The settings changes since checkpoint `path` (asr.config.config_changes); ResumeError, one line, when one of
-    them cannot take effect on a resumed run (RESUME_FIXED)."""
-    old_toml = saved_config(path)
-    try:
-        if old_toml is None:
-            raise ResumeError("its config.toml is missing or unreadable")
-        changes = config_changes(saved_config_of(old_toml), cfg)
-    except ResumeError as e:
-        raise ResumeError(f"cannot resume from {path}: {e}; start over with --fresh or set another run.out_dir"
-                          ) from None
-    fixed = [f"{k} ({show(old)} -> {show(new)})" for k, old, new in changes if is_fixed(k)]
-    if fixed:
-        raise ResumeError(f"cannot resume {path.parent.parent} with changed settings that a resumed run cannot "
-                          f"take: {', '.join(fixed)}; resume with the old values, start over with --fresh, or "
-                          f"set another run.out_dir")
-    return changes

@@ -1,5 +1,6 @@
-"""Resuming a run: what a checkpoint carries besides weights (RunState), loading the newest checkpoint that
-verifies into the training objects with this run's settings, and the weights of a model alone."""
+"""Resuming a run: what a checkpoint carries besides weights (RunState), the settings a resumed run may and may
+not change, loading the newest checkpoint that verifies into the training objects with this run's settings,
+and the weights of a model alone."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config
+from asr.config import Config, ConfigError, config_changes, is_fixed, read_saved_config, toml_value
 from asr.experiment import TrainingError
 from asr.optim import apply_settings
 
@@ -71,12 +72,46 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
     return state, trainer["rng"]
 
 
+class ResumeError(ConfigError):
+    """Settings a resumed run cannot take (exit status 2, like any settings error); one line."""
+
+
+def saved_config_of(text: str) -> Config:
+    try:
+        return read_saved_config(text)
+    except ConfigError as e:
+        raise ResumeError(f"cannot read its config.toml ({e})") from None
+
+
+def show(value) -> str:
+    return "(unset)" if value is None else toml_value(value)
+
+
+def check_resume(path: Path, cfg: Config) -> list[tuple[str, object, object]]:
+    """The settings changes since checkpoint `path` (asr.config.config_changes); ResumeError, one line, when one of
+    them cannot take effect on a resumed run (RESUME_FIXED)."""
+    old_toml = ckpt.saved_config(path)
+    try:
+        if old_toml is None:
+            raise ResumeError("its config.toml is missing or unreadable")
+        changes = config_changes(saved_config_of(old_toml), cfg)
+    except ResumeError as e:
+        raise ResumeError(f"cannot resume from {path}: {e}; start over with --fresh or set another run.out_dir"
+                          ) from None
+    fixed = [f"{k} ({show(old)} -> {show(new)})" for k, old, new in changes if is_fixed(k)]
+    if fixed:
+        raise ResumeError(f"cannot resume {path.parent.parent} with changed settings that a resumed run cannot "
+                          f"take: {', '.join(fixed)}; resume with the old values, start over with --fresh, or "
+                          f"set another run.out_dir")
+    return changes
+
+
 def check_settings(cfg: Config) -> None:
     """Before the run folder is written to (config.toml): a ResumeError when the run would resume from a
     checkpoint saved with settings it cannot change (config.RESUME_FIXED)."""
     for _, path in reversed(ckpt.step_dirs(Path(cfg.run.out_dir) / "checkpoints")):
         if ckpt.saved_config(path) is not None:  # else a broken checkpoint, renamed aside later
-            ckpt.check_resume(path, cfg)
+            check_resume(path, cfg)
             return
 
 

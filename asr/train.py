@@ -29,7 +29,8 @@ from asr.losses import DEFAULT_LOSS, loss_function
 from asr.models import (Bundle, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
                         select_parameters, set_encoder_frozen, uses_layerdrop)
 from asr.optim import make_optimizer, make_scheduler
-from asr.resume import RunState, check_settings, checkpoint_state, load_newest, restore
+from asr.resume import (ResumeError, RunState, check_resume, check_settings, checkpoint_state, load_newest, restore,
+                        show)
 
 
 @dataclass
@@ -212,7 +213,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     had_checkpoints = bool(ckpt.step_dirs(ck_dir))
 
     def load(path: Path):
-        changes = ckpt.check_resume(path, cfg)
+        changes = check_resume(path, cfg)
         return restore(path, model, optimizer, scheduler, scaler, saved_names, device, tc), changes
 
     latest, loaded = load_newest(ck_dir, log, load)
@@ -220,12 +221,12 @@ def setup(cfg: Config, fresh: bool) -> Run:
     if latest is not None:
         (state, rng), changes = loaded
         if state.step > tc.max_steps:
-            raise ckpt.ResumeError(f"train.max_steps: {tc.max_steps} is below the step of {latest} ({state.step}); "
+            raise ResumeError(f"train.max_steps: {tc.max_steps} is below the step of {latest} ({state.step}); "
                                    f"set at least {state.step}, or start over with --fresh")
         sampler.load_state_dict(state.sampler)
         log(f"resumed from {latest} (step {state.step})")
         for key, old, new in changes:
-            log(f"resume: {key} {ckpt.show(old)} -> {ckpt.show(new)}")
+            log(f"resume: {key} {show(old)} -> {show(new)}")
     else:
         if had_checkpoints:
             log(f"no checkpoint in {ck_dir} verifies: starting from step 0")
