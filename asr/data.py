@@ -287,11 +287,11 @@ def load_utterance_audio(utt: Utterance, sample_rate: int | None) -> torch.Tenso
         return load_audio(utt.path, sample_rate)
     value = _hf_audio(utt)
     if isinstance(value, tuple):
-        from asr.audio import resample
+        from asr.audio import NonFiniteAudio, resample
 
         audio, sr = value
         if not torch.isfinite(audio).all():  # as load_audio does for files
-            raise AudioError(f"{utt.id}: audio contains NaN or infinite samples")
+            raise NonFiniteAudio(f"{utt.id}: audio contains NaN or infinite samples")
         audio = audio if audio.dim() == 1 else audio.mean(0)
         return audio if sample_rate is None else resample(audio, sr, sample_rate)
     return load_audio(value, sample_rate)

@@ -449,9 +449,9 @@ def test_two_ranks_stop_together_when_a_clip_of_one_rank_fails(tmp_path):
 
 def test_decoded_arrays_of_nan_from_a_table_fail_like_files(monkeypatch):
     """A Hugging Face table holding decoded samples (not file bytes): NaN samples fail the clip, as a
-    file's do in asr.audio.load_audio."""
+    file's do in asr.audio.load_audio (the same NonFiniteAudio, which pre-flight reports as non_finite)."""
     from asr import data
-    from asr.audio import AudioError
+    from asr.audio import NonFiniteAudio
 
     class Table:
         column_names = ["audio"]
@@ -464,8 +464,9 @@ def test_decoded_arrays_of_nan_from_a_table_fail_like_files(monkeypatch):
     good, bad = (data.Utterance(id=f"t/train/{i}", text="x", language="tr", source="t", table="t:train", row=i)
                  for i in (0, 1))
     assert data.load_utterance_audio(good, 16000).shape == (1600,)
-    with pytest.raises(AudioError, match=r"^t/train/1: audio contains NaN or infinite samples$"):
-        data.load_utterance_audio(bad, 16000)
+    for rate in (16000, None):
+        with pytest.raises(NonFiniteAudio, match=r"^t/train/1: audio contains NaN or infinite samples$"):
+            data.load_utterance_audio(bad, rate)
 
 
 def test_a_dev_split_with_a_header_and_no_rows_is_a_preflight_error(tmp_path, capsys):
