@@ -31,7 +31,7 @@ from pathlib import Path
 
 from asr.audio import WHISPER_SAMPLE_RATE, NonFiniteAudio
 from asr.checkpoint import json_text, write_files
-from asr.config import Config, toml_value, duplicate_source_names, eval_set_specs
+from asr.config import Config, duplicate_source_names, eval_set_specs, toml_value
 from asr.data import (WHISPER_MIN_S, Labeler, SplitReport, Utterance, control_chars_line, ctc_min_frames,
                       filter_utterances, load_utterance_audio, min_input_samples, read_source_split, source_name)
 from asr.text import (PAD, UNK, WORD_DELIMITER, clean_transcript, extend_chars_to_ignore, normalize,
