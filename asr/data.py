@@ -384,6 +384,31 @@ def ctc_min_frames(labels: list[int]) -> int:
     return len(labels) + sum(1 for a, b in zip(labels, labels[1:]) if a == b)
 
 
+def check_utterance(u: Utterance, cfg: DataConfig, labeler: Labeler | None) -> tuple[str, dict] | None:
+    """The filters of one utterance whose `duration` is known: None when it is kept (its cleaned text and
+    labels then filled in), else (reason, detail) as filter_utterances counts it."""
+    duration = u.duration
+    u.label_text = clean_transcript(u.text, cfg.text, u.language)
+    if not u.label_text.strip():
+        return "empty_text", {"text": u.text}
+    if duration < cfg.min_duration_s:
+        return "too_short", {"duration": round(duration, 3)}
+    if labeler is not None and round(duration * cfg.sample_rate) < labeler.min_samples:
+        return "too_short", {"duration": round(duration, 3), "model_min_s": round(labeler.min_samples / cfg.sample_rate, 4)}
+    if cfg.max_duration_s and duration > cfg.max_duration_s:
+        return "too_long", {"duration": round(duration, 3)}
+    if labeler is not None:
+        u.labels = labeler.encode(u.label_text, u.language)
+        if labeler.max_tokens and len(u.labels) > labeler.max_tokens:
+            return "labels_too_long", {"tokens": len(u.labels)}
+        if labeler.output_frames is not None:
+            frames = labeler.output_frames(int(round(duration * cfg.sample_rate)))
+            need = ctc_min_frames(u.labels)
+            if frames < need:
+                return "ctc_infeasible", {"frames": frames, "needed": need}
+    return None
+
+
 def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, labeler: Labeler | None,
                       report: SplitReport, workers: int = 8) -> list[Utterance]:
     """Fill durations, cleaned text and labels; keep the utterances that pass every filter.
@@ -421,32 +446,10 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
             report.drop(reason, dict(detail, detail=err), cfg.report_examples)
             continue
         u.duration = duration
-        u.label_text = clean_transcript(u.text, cfg.text, u.language)
-        if not u.label_text.strip():
-            report.drop("empty_text", dict(detail, text=u.text), cfg.report_examples)
+        dropped = check_utterance(u, cfg, labeler)
+        if dropped is not None:
+            report.drop(dropped[0], dict(detail, **dropped[1]), cfg.report_examples)
             continue
-        if duration < cfg.min_duration_s:
-            report.drop("too_short", dict(detail, duration=round(duration, 3)), cfg.report_examples)
-            continue
-        if labeler is not None and round(duration * cfg.sample_rate) < labeler.min_samples:
-            report.drop("too_short", dict(detail, duration=round(duration, 3),
-                                          model_min_s=round(labeler.min_samples / cfg.sample_rate, 4)),
-                        cfg.report_examples)
-            continue
-        if cfg.max_duration_s and duration > cfg.max_duration_s:
-            report.drop("too_long", dict(detail, duration=round(duration, 3)), cfg.report_examples)
-            continue
-        if labeler is not None:
-            u.labels = labeler.encode(u.label_text, u.language)
-            if labeler.max_tokens and len(u.labels) > labeler.max_tokens:
-                report.drop("labels_too_long", dict(detail, tokens=len(u.labels)), cfg.report_examples)
-                continue
-            if labeler.output_frames is not None:
-                frames = labeler.output_frames(int(round(duration * cfg.sample_rate)))
-                need = ctc_min_frames(u.labels)
-                if frames < need:
-                    report.drop("ctc_infeasible", dict(detail, frames=frames, needed=need), cfg.report_examples)
-                    continue
         kept.append(u)
     report.kept += len(kept)
     report.kept_hours += sum(u.duration for u in kept) / 3600
