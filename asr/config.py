@@ -37,7 +37,7 @@ class RunConfig:
 
 @dataclass
 class SourceConfig:
-    """One corpus. `kind` is common_voice | manifest | hf.
+    """One corpus. `kind` is common_voice | manifest | hf | shards.
 
     Splits are expressions such as "train+dev": for common_voice the names of the release
     TSVs, for manifest the manifest files (relative to `path`, or beside it when `path` is a
@@ -47,6 +47,9 @@ class SourceConfig:
     hf `path` is a hub id, a `save_to_disk` folder (a DatasetDict, one folder per split, or a
     single Dataset, which is split "train"), or an audiofolder (metadata.csv or metadata.jsonl
     with a `file_name` column; split subfolders, or the folder itself as split "train").
+
+    shards `path` is a folder or fsspec URL holding the Parquet shards and index.json that
+    `python -m asr.shards` writes; they are streamed as training clips only (dev and test must be "").
     """
 
     name: str = ""  # defaults to the language, or the folder name
@@ -84,6 +87,8 @@ class DataConfig:
     # auto: duration for CTC models, random for Whisper (its input is always padded to 30 s)
     batching: str = "auto"
     num_workers: int = 1
+    # shards sources: clips read ahead, shuffled and bucketed by duration together (memory: their encoded audio).
+    shuffle_buffer: int = 1000
     # Keep decoded training clips in memory (in each loader worker): later epochs decode nothing.
     # Costs about 230 MB per hour of training audio per worker (float32 at 16 kHz).
     cache_audio: bool = False
@@ -217,6 +222,7 @@ class PreflightConfig:
     # Clips of each split decoded to find undecodable, NaN/inf and silent audio: all of a split up to this
     # many, else a random sample of this many (seeded with run.seed); 0: none decoded (headers only).
     decode_sample: int = 2000
+    shard_sample: int = 0  # shards sources: clips decoded per shard (0: only index.json and the shards' footers read)
 
 
 @dataclass
@@ -383,7 +389,7 @@ _CHOICES = {
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }
-_SOURCE_KINDS = ("common_voice", "manifest", "hf")
+_SOURCE_KINDS = ("common_voice", "manifest", "hf", "shards")
 
 
 def validate(cfg: Config) -> None:
@@ -397,6 +403,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.sources.{i}.kind: {src.kind!r} is not one of {', '.join(_SOURCE_KINDS)}")
         if not src.path:
             raise ConfigError(f"data.sources.{i}.path: required")
+        if src.kind == "shards" and (src.dev or src.test or not src.train):
+            raise ConfigError(f"data.sources.{i}: a shards source is streamed for training only: set train = "
+                              f"\"train\", dev = \"\" and test = \"\", and evaluate on another source")
+    streamed = [i for i, s in enumerate(cfg.data.sources) if s.kind == "shards"]
+    if streamed and len([s for s in cfg.data.sources if s.train]) > 1:
+        raise ConfigError(f"data.sources.{streamed[0]}: a shards source must be the only training source "
+                          f"(write the others into its shards with python -m asr.shards)")
     _check_ranges(cfg)
     check_methods(cfg)
     if cfg.data.max_duration_s and cfg.data.min_duration_s > cfg.data.max_duration_s:
@@ -447,6 +460,7 @@ RANGES = {
     "data.batch_size": "[0, inf)",  # 0: no cap (then max_batch_s caps)
     "data.max_batch_s": "[0, inf)",
     "data.num_workers": "[0, inf)",
+    "data.shuffle_buffer": "[1, inf)",
     "data.sp_vocab_size": "[4, inf)",
     "data.report_examples": "[0, inf)",
     "data.max_failed_fraction": "[0, 1]",
@@ -497,6 +511,7 @@ RANGES = {
     "preflight.cps_outlier_factor": "(1, inf)",
     "preflight.examples": "[0, inf)",
     "preflight.decode_sample": "[0, inf)",  # 0: off
+    "preflight.shard_sample": "[0, inf)",  # 0: off
 }
 
 
@@ -552,6 +567,7 @@ RESUME_FIXED = (
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
+    "data.shuffle_buffer",  # a shards stream's batches
 )
 
 

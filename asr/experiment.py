@@ -247,6 +247,7 @@ class Data:
     train: list[Utterance]
     eval_sets: dict[str, list[Utterance]]
     reports: dict[str, SplitReport] = field(default_factory=dict)
+    stream: object = None  # asr.shards.ShardSource: training clips streamed from shards (then `train` is empty)
 
 
 def read_data(cfg: Config) -> tuple[dict, dict]:
@@ -255,7 +256,7 @@ def read_data(cfg: Config) -> tuple[dict, dict]:
     if duplicate := duplicate_source_names(cfg):
         raise TrainingError(duplicate)
     sources = {source_name(s): s for s in cfg.data.sources}
-    wanted = [(name, "train") for name, s in sources.items() if s.train]
+    wanted = [(name, "train") for name, s in sources.items() if s.train and s.kind != "shards"]  # shards: streamed
     for set_name, src, split in eval_set_specs(cfg):
         if not getattr(sources[src], split):
             raise TrainingError(f"evaluation set '{set_name}': data source '{src}' has no {split} split")
@@ -265,11 +266,17 @@ def read_data(cfg: Config) -> tuple[dict, dict]:
     return raw, bad
 
 
-def build_vocab(cfg: Config, raw: dict, out_dir: Path):
+def build_vocab(cfg: Config, raw: dict, out_dir: Path, stream=None):
     """The CTC vocabulary: the one saved with the run if there is one, else built from training transcripts
-    and saved in out_dir/vocab."""
+    (of `stream`'s shards too: their text column) and saved in out_dir/vocab."""
     texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
              if split == "train" for u in us]
+    if stream is not None and not (out_dir / "vocab" / "vocab.json").is_file():
+        from asr.shards import shard_texts
+
+        lang = stream.languages[0] if stream.languages else ""
+        texts += [clean_transcript(t, cfg.data.text, stream.src.language or lang) for t in
+                  shard_texts(stream.src, stream.index)]
     vocab, origin = run_vocab(cfg.data, texts, out_dir / "vocab")
     if vocab is None:
         raise TrainingError("no training transcripts to build a CTC vocabulary from")
@@ -288,11 +295,17 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
     """Read the sources, build the model, filter the data with the model's labels, write data_report.json
     (unless not `report`: an evaluation-only run leaves the training run's report as it is)."""
     raw, bad = read_data(cfg)
+    stream = None
+    if shards := [s for s in cfg.data.sources if s.kind == "shards"]:
+        from asr.shards import ShardSource
+
+        stream = ShardSource(shards[0])
     family = infer_family(cfg.model)
-    vocab = build_vocab(cfg, raw, out_dir) if family == "ctc" else None
+    vocab = build_vocab(cfg, raw, out_dir, stream) if family == "ctc" else None
     # Training languages first: the first is what an exported Whisper transcribes by default, not the
     # language of an evaluation-only source (e.g. one watched for forgetting).
-    training = sorted({s.language for s in cfg.data.sources if s.train})
+    training = sorted({s.language for s in cfg.data.sources if s.train and s.kind != "shards"}
+                      | set(stream.languages if stream else ()))
     languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
     bundle = build(cfg.model, vocab, languages)
     labeler = bundle.labeler
@@ -303,18 +316,22 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
         reports[f"{name}/{split}"] = SplitReport()
         kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
     train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
+    if stream is not None:
+        reports[f"{stream.name}/train"] = SplitReport()  # filled as the clips stream (asr.shards)
     limit = cfg.eval.max_utterances or None
     eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
     if dist.is_main() and report:
         write_report(reports, out_dir / "data_report.json")
     log(format_report(reports))
+    if stream is not None:
+        log(stream.describe())
     for set_name, src, split in eval_set_specs(cfg):
         if not eval_sets[set_name]:  # it would score 0 utterances as WER 0 and make any model the best
             r = reports[f"{src}/{split}"]
             why = ", ".join(f"{k} {v}" for k, v in sorted(r.dropped.items())) or "no rows"
             raise DataError(f"evaluation set '{set_name}' ({src}/{split}): no utterance left after filtering "
                             f"({r.total} read: {why}; see {out_dir / 'data_report.json'})")
-    return bundle, Data(train, eval_sets, reports)
+    return bundle, Data(train, eval_sets, reports, stream)
 
 
 def record_decode_failures(data: Data, key: str, by_id: dict, failures: list, cfg: Config, out: Path, log: Log,

@@ -21,7 +21,7 @@ from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr.config import Config, to_toml
-from asr.data import AudioDataset, DataError, DurationBatchSampler, collate
+from asr.data import AudioDataset, DataError, DurationBatchSampler, Utterance, collate, write_report
 from asr.evaluation import check_scored, evaluate_sets
 from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, export_to, lock_run_dir,
                             pick_precision, prepare, record_decode_failures, start_run, unlock_run_dir)
@@ -60,6 +60,7 @@ class Run:
     frozen: bool  # the encoder is frozen until model.freeze_encoder_steps
     failed: "FailedClips" = None
     fallback: dict | None = None  # a decodable one-clip batch, for a rank whose micro-batch lost every clip
+    stream: object = None  # asr.shards.ShardStream when the training clips are streamed from shards
 
 
 @dataclass
@@ -187,7 +188,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     settings where they changed."""
     device, out, log = start_run(cfg, fresh)
     bundle, data = prepare(cfg, out, log)
-    if not data.train:
+    if not data.train and data.stream is None:
         raise TrainingError(f"no training utterances left after filtering (see {out / 'data_report.json'})")
     tc = cfg.train
     select_parameters(bundle, tc, cfg.lora)
@@ -198,9 +199,14 @@ def setup(cfg: Config, fresh: bool) -> Run:
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     by_duration = cfg.data.batching == "duration" or (cfg.data.batching == "auto" and bundle.family == "ctc")
-    sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
-                                   seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank(),
-                                   by_duration=by_duration)
+    if data.stream is not None:  # streamed from shards: each rank its own
+        from asr.shards import ShardStream
+
+        sampler = ShardStream(data.stream, cfg, bundle.labeler, by_duration, dist.rank(), dist.world_size())
+    else:
+        sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
+                                       seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank(),
+                                       by_duration=by_duration)
     tb = None
     if dist.is_main():
         tb = Board(out / "tb", log)
@@ -242,14 +248,15 @@ def setup(cfg: Config, fresh: bool) -> Run:
         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
-    ))
+    )) if data.stream is None else sampler.batches(device, dist.loader_worker_init)
     run = Run(cfg, out, log, device, bundle, data, model, forward, dist.is_initialized(), optimizer, scheduler,
               scaler, batches, loss_function(tc, bundle.family), tc.loss or DEFAULT_LOSS[bundle.family],
               precision, autocast_for(precision, device), tb, state, saved_names, frozen)
     run.failed = FailedClips(run)
+    run.stream = sampler if data.stream is not None else None
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
+        f"{len(data.train) or data.stream.rows} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
     return run
 
 
@@ -393,9 +400,16 @@ def evaluate_run(run: Run) -> tuple[dict, bool]:
 def save(run: Run) -> None:
     """A checkpoint of this step (every rank's random state in it); older ones pruned."""
     rng = dist.gather_rows([ckpt.rng_state()])  # every rank's generators, so each resumes its own stream
+    sampler = run.state.sampler
+    if run.data.stream is not None:  # every rank streams its own shards: the checkpoint holds each one's position
+        sampler = dist.gather_rows([sampler])
+        key = f"{run.data.stream.name}/train"
+        run.stream.update_report(run.data.reports[key], sampler)
+        if dist.is_main():
+            write_report(run.data.reports, run.out / "data_report.json")
     if dist.is_main():
         trainer = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng,
-                   **asdict(run.state)}
+                   **asdict(run.state), "sampler": sampler}
         ck_dir = run.out / "checkpoints"
         path = ckpt.save_checkpoint(ck_dir, run.state.step, checkpoint_state(run.model, run.saved_names),
                                     run.optimizer.state_dict(), trainer, to_toml(run.cfg))
@@ -449,7 +463,7 @@ class FailedClips:
 
     def __init__(self, run: Run):
         self.run = run
-        self.by_id = {u.id: u for u in run.data.train}
+        self.by_id = {u.id: u for u in run.data.train}  # empty when streamed (asr.shards): stand-ins below
 
     def update(self, micro: list[dict]) -> None:
         run, seen = self.run, self.run.state.failed  # this epoch's (id, error) over all ranks, in checkpoints
@@ -463,11 +477,14 @@ class FailedClips:
                 seen["epoch"], seen["clips"] = epoch, []
             seen["clips"].append((utt_id, err))
         self.epoch, self.failed = seen["epoch"], seen["clips"]
+        for _, i, _ in rows:
+            if i not in self.by_id:  # a streamed clip
+                self.by_id[i] = Utterance(id=i, text="", language="", source=run.data.stream.name)
         for source in dict.fromkeys(self.by_id[i].source for _, i, _ in rows):
             record_decode_failures(run.data, f"{source}/train", self.by_id,
                                    [(i, e) for _, i, e in rows if self.by_id[i].source == source], run.cfg,
                                    run.out, run.log)
-        total, fraction = len(run.data.train), run.cfg.data.max_failed_fraction
+        total, fraction = len(run.data.train) or run.data.stream.rows, run.cfg.data.max_failed_fraction
         if len(self.failed) > fraction * total:
             examples = "; ".join(f"{i} ({e})" for i, e in self.failed[:3])
             raise DataError(
