@@ -357,7 +357,11 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
     unused_missing: list[str] = []
     reads: dict[tuple[int, str], tuple[list, list]] = {}
     roles: dict[str, tuple[int, str, str]] = {}  # label -> (source index, role, expression)
+    shard_texts: list[str] = []
     for i, (src, name) in enumerate(zip(cfg.data.sources, names)):
+        if src.kind == "shards":  # its index.json and shard footers, not its audio (asr.shards)
+            shard_texts += _shards(src, cfg, result, errors)
+            continue
         for role in ROLES:
             expr = getattr(src, role)
             if not expr:
@@ -384,7 +388,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
         errors.append(str(e))
     result["family"] = family
     train_utts = [u for label, (i, role, expr) in roles.items() if role == "train" for u in reads[i, expr][0]]
-    train_texts = [clean_transcript(u.text, cfg.data.text, u.language) for u in train_utts]
+    train_texts = [clean_transcript(u.text, cfg.data.text, u.language) for u in train_utts] + shard_texts
     vocab, train_chars = None, None
     if family == "ctc":
         try:
@@ -441,9 +445,30 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
             why = ", ".join(f"{k} {v}" for k, v in sorted(s["filter"]["dropped"].items())) or "no rows"
             errors.append(f"evaluation set '{set_name}' ({src}/{split}): no utterance left after filtering "
                           f"({s['filter']['total']} read: {why})")
-    result["warnings"] = [f"{m} (not used by this run)" for m in unused_missing] + _warnings(result)
+    result["warnings"] = ([f"{m} (not used by this run)" for m in unused_missing] + _warnings(result)
+                          + result.pop("shard_warnings", []))
     result["time_s"] = round(time.time() - t0, 3)
     return result
+
+
+def _shards(src, cfg: Config, result: dict, errors: list) -> list[str]:
+    """A shards source's pre-flight entry (result["shards"]); returns its cleaned transcripts (text column only)."""
+    from asr.shards import load_index, preflight_shards, shard_texts
+
+    label = f"{source_name(src)}/train"
+    try:
+        entry = result.setdefault("shards", {})[label] = preflight_shards(src, cfg)
+        errors.extend(entry["errors"])
+        if entry["undecodable_count"]:
+            ex = entry["undecodable"][0]
+            result.setdefault("shard_warnings", []).append(
+                f"{label}: of {entry['decoded']} clips decoded, {entry['undecodable_count']} fail to decode, e.g. "
+                f"{ex['id']}: {ex['detail']}")
+        lang = src.language or (entry.get("languages") or [""])[0]
+        return [clean_transcript(t, cfg.data.text, lang) for t in shard_texts(src, load_index(src))]
+    except Exception as e:  # DataError (a missing or malformed index.json, a shard that cannot be read)
+        errors.append(f"{label}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+        return []
 
 
 def _punctuation(train_texts: list[str], cfg: Config) -> dict:
@@ -557,6 +582,11 @@ def format_preflight(result: dict) -> str:
     widths = [max(len(r[k]) for r in [cols] + rows) for k in range(len(cols))]
     lines = [head, "  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for label, s in result.get("shards", {}).items():
+        hist = ", ".join(f"{lo:g}-{hi:g} s {n}" for lo, hi, n in zip(s["duration_edges_s"],
+                         s["duration_edges_s"][1:] + [float("inf")], s["durations"]) if n)
+        lines.append(f"{label}: {s['shards']} shards, {s['clips']} clips, {s['hours'] or 0:.3f} h (index.json; "
+                     f"{s['decoded']} clips decoded); durations {hist}")
     if result["overlap"]:
         lines.append("overlap with train:")
         for label, o in result["overlap"].items():

@@ -511,6 +511,7 @@ def preflight_shards(src: SourceConfig, cfg: Config) -> dict:
             errors.append(f"data source '{source.name}': shard {where}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}")
     return {"source": source.name, "path": src.path, "shards": len(index["shards"]), "clips": source.rows,
+            "languages": source.languages,
             "hours": index.get("hours"), "duration_edges_s": list(HIST_EDGES), "durations": hist,
             "decoded": decoded, "undecodable": failed[: cfg.preflight.examples], "undecodable_count": len(failed),
             "errors": errors}
