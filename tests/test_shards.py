@@ -248,3 +248,15 @@ def test_preflight_reads_the_index_not_the_audio(shards, tmp_path, monkeypatch):
     assert preflight(cfg)["shards"]["tr/train"]["decoded"] == 8
     cfg.data.sources[0].path = str(damage(shards, tmp_path, "rows"))
     assert any("has 8 rows, index.json says 9" in e for e in preflight(cfg)["errors"])
+
+
+def test_an_fsspec_url_streams_the_same_batches(shards):
+    """path = "file://...": index and shards read through fsspec (as s3:// or hf:// would be), the same batches."""
+    local, url = (ShardSource(SourceConfig(kind="shards", path=p, language="tr", train="train", dev="", test=""))
+                  for p in (str(shards), "file://" + str(shards)))
+    cfg = tiny_ctc_config(Path("/nonexistent"))
+    cfg.data.num_workers, cfg.data.batch_size = 0, 4
+    a, b = (ShardStream(s, cfg, None, True).batches(torch.device("cpu")) for s in (local, url))
+    for _ in range(3):
+        x, y = next(a), next(b)
+        assert x["ids"] == y["ids"] and torch.equal(x["audio"], y["audio"])
