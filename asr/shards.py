@@ -423,6 +423,20 @@ class ShardStream(torch.utils.data.IterableDataset):
             batch["sampler_state"] = dict(self.state_dict(), epoch=self.states[k]["epoch"])  # the batch's epoch
             yield batch
 
+    def fallback(self) -> dict:
+        """A one-clip batch of the first clip of this rank's first stream that decodes, read afresh (what a rank
+        whose micro-batch lost every clip runs, with weight 0, to join the gradient all-reduce)."""
+        fresh = copy.copy(self)
+        fresh.states = [_fresh() for _ in range(self.n_streams)]
+        for b in fresh._stream(0):
+            if b["ids"]:
+                n, m = int(b["audio_lengths"][0]), int(b["label_lengths"][0])
+                return dict(b, ids=b["ids"][:1], texts=b["texts"][:1], languages=b["languages"][:1],
+                            audio=b["audio"][:1, :n], audio_lengths=b["audio_lengths"][:1], labels=b["labels"][:1, :m],
+                            label_lengths=b["label_lengths"][:1], dropped=[])
+            if b["sampler_state"]["epoch"] > 0:
+                raise DataError(f"data source '{self.source.name}': no training clip can be decoded")
+
     # -- the data report
 
     def update_report(self, report: SplitReport, saved: list) -> None:

@@ -286,6 +286,8 @@ def unfreeze_when_due(run: Run) -> None:
 def fallback_batch(run: Run) -> dict:
     """A one-clip batch of the first decodable training clip (kept for the run): what a rank whose micro-batch
     lost every clip to decoding errors runs (with weight 0), so that it still joins the gradient all-reduce."""
+    if run.fallback is None and run.stream is not None:
+        run.fallback = run.stream.fallback()
     if run.fallback is None:
         dataset = AudioDataset(run.data.train, run.cfg.data.sample_rate)
         item = next((it for it in map(dataset.__getitem__, range(len(dataset))) if it["audio"] is not None), None)

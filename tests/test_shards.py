@@ -260,3 +260,13 @@ def test_an_fsspec_url_streams_the_same_batches(shards):
     for _ in range(3):
         x, y = next(a), next(b)
         assert x["ids"] == y["ids"] and torch.equal(x["audio"], y["audio"])
+
+
+def test_fallback_clip_of_a_stream(shards):
+    """Under DDP a rank whose micro-batch lost every clip runs a one-clip batch: a stream gives its first clip."""
+    cfg = tiny_ctc_config(Path("/nonexistent"))
+    cfg.data.num_workers, cfg.data.batch_size = 0, 4
+    stream = ShardStream(ShardSource(SourceConfig(kind="shards", path=str(shards), language="tr", train="train",
+                                                  dev="", test="")), cfg, None, True)
+    b = stream.fallback()
+    assert len(b["ids"]) == 1 and b["audio"].shape == (1, int(b["audio_lengths"][0])) and b["audio"].abs().sum() > 0
