@@ -336,14 +336,15 @@ class ShardStream(torch.utils.data.IterableDataset):
         st = self.states[k]
         epoch, pos, row, window, emitted = st["epoch"], st["shard"], st["row"], st["window"], st["emitted"]
         counts, kept_in_epoch = copy.deepcopy(st["counts"]), 0
+        whole_epoch = (pos, row, window) == (0, 0, 0)  # this generator reads the epoch from its start
         reader = _Reader(self.source)
         while True:
             mine = self.shards_of(stream, epoch)
             if pos >= len(mine):
-                if kept_in_epoch == 0 and (epoch > st["epoch"] or (st["shard"], st["row"]) == (0, 0)):
+                if kept_in_epoch == 0 and whole_epoch:
                     raise DataError(f"data source '{self.source.name}': no clip of shards "
                                     f"{', '.join(self.shards[i]['file'] for i in mine)} passes the filters")
-                epoch, pos, row, window, emitted, kept_in_epoch = epoch + 1, 0, 0, 0, 0, 0
+                epoch, pos, row, window, emitted, kept_in_epoch, whole_epoch = epoch + 1, 0, 0, 0, 0, 0, True
                 continue
             start = {"epoch": epoch, "shard": pos, "row": row, "window": window, "counts": copy.deepcopy(counts)}
             clips = []

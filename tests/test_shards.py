@@ -302,3 +302,12 @@ def test_a_streamed_clip_that_fails_to_decode_is_counted_and_can_stop_the_run(tm
                      "--set", "data.max_failed_fraction=0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"1 of 32 training clips failed to decode in epoch 1" in err[0] and bad_id[0] in err[0]
+
+
+def test_shards_of_which_no_clip_passes_the_filters_are_one_line(shards):
+    cfg = tiny_ctc_config(Path("/nonexistent"))
+    cfg.data.num_workers, cfg.data.max_duration_s = 0, 0.5
+    stream = ShardStream(ShardSource(SourceConfig(kind="shards", path=str(shards), language="tr", train="train",
+                                                  dev="", test="")), cfg, None, True)
+    with pytest.raises(DataError, match=r"no clip of shards shard-00000\d\.parquet, .* passes the filters"):
+        next(stream.batches(torch.device("cpu")))
