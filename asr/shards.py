@@ -238,7 +238,8 @@ def shard_texts(src: SourceConfig, index: dict) -> list[str]:
     for entry in index["shards"]:
         try:
             with _open(src.path, entry["file"]) as f:
-                texts += [strip_controls(t or "")[0] for t in pq.ParquetFile(f).read(columns=["text"]).column(0).to_pylist()]
+                column = pq.ParquetFile(f).read(columns=["text"]).column(0)
+                texts += [strip_controls(t or "")[0] for t in column.to_pylist()]
         except OSError as e:
             raise DataError(f"data source '{source_name(src)}': cannot read shard {_where(src.path, entry['file'])}: "
                             f"{e.strerror or e}") from None
@@ -399,8 +400,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         try:
             audio = load_audio(data, self.data_cfg.sample_rate)
         except Exception as e:
-            return {"utt": u, "audio": None, "error": f"{u.id}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                    "state": None}
+            error = str(e).splitlines()[0] if str(e) else type(e).__name__
+            return {"utt": u, "audio": None, "error": f"{u.id}: {error}", "state": None}
         return {"utt": u, "audio": audio, "error": None, "state": None}
 
     # -- the main process

@@ -256,7 +256,8 @@ def setup(cfg: Config, fresh: bool) -> Run:
     run.stream = sampler if data.stream is not None else None
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{len(data.train) or data.stream.rows} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
+        f"{len(data.train) or data.stream.rows} utterances, device {device}, precision {precision}, "
+        f"world size {dist.world_size()}")
     return run
 
 
