@@ -272,11 +272,7 @@ def build_vocab(cfg: Config, raw: dict, out_dir: Path, stream=None):
     texts = [clean_transcript(u.text, cfg.data.text, u.language) for (_, split), us in raw.items()
              if split == "train" for u in us]
     if stream is not None and not (out_dir / "vocab" / "vocab.json").is_file():
-        from asr.shards import shard_texts
-
-        lang = stream.languages[0] if stream.languages else ""
-        texts += [clean_transcript(t, cfg.data.text, stream.src.language or lang) for t in
-                  shard_texts(stream.src, stream.index)]
+        texts += stream.texts(cfg.data)
     vocab, origin = run_vocab(cfg.data, texts, out_dir / "vocab")
     if vocab is None:
         raise TrainingError("no training transcripts to build a CTC vocabulary from")

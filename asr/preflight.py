@@ -453,7 +453,7 @@ def preflight(cfg: Config, workers: int = 8) -> dict:
 
 def _shards(src, cfg: Config, result: dict, errors: list) -> list[str]:
     """A shards source's pre-flight entry (result["shards"]); returns its cleaned transcripts (text column only)."""
-    from asr.shards import load_index, preflight_shards, shard_texts
+    from asr.shards import ShardSource, preflight_shards
 
     label = f"{source_name(src)}/train"
     try:
@@ -464,8 +464,7 @@ def _shards(src, cfg: Config, result: dict, errors: list) -> list[str]:
             result.setdefault("shard_warnings", []).append(
                 f"{label}: of {entry['decoded']} clips decoded, {entry['undecodable_count']} fail to decode, e.g. "
                 f"{ex['id']}: {ex['detail']}")
-        lang = src.language or (entry.get("languages") or [""])[0]
-        return [clean_transcript(t, cfg.data.text, lang) for t in shard_texts(src, load_index(src))]
+        return ShardSource(src).texts(cfg.data)
     except Exception as e:  # DataError (a missing or malformed index.json, a shard that cannot be read)
         errors.append(f"{label}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
         return []

@@ -26,7 +26,9 @@ import io
 import json
 import random
 import sys
+import unicodedata
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -36,7 +38,7 @@ from asr.audio import AudioError, load_audio
 from asr.config import Config, ConfigError, SourceConfig, source_name
 from asr.data import (DataError, DurationBatchSampler, SplitReport, Utterance, _hf_audio, check_utterance, collate,
                       filter_utterances, read_source_split)
-from asr.text import strip_controls
+from asr.text import clean_transcript, strip_controls
 
 INDEX = "index.json"
 FORMAT = "asr-shards/1"
@@ -133,10 +135,12 @@ def write_shards(cfg: Config, split: str, out: Path, shard_mb: float = 256, log=
                 rows, size = [], 0
         if rows:
             shards.append(_write_shard(rows, tmp / f"shard-{len(shards):06d}.parquet"))
+        chars = Counter(c for u in utts for c in u.label_text)  # the cleaned transcripts' (filter_utterances')
         index = {"format": FORMAT, "split": split, "sources": [source_name(s) for s in sources],
                  "languages": sorted({u.language for u in utts}), "rows": sum(s["rows"] for s in shards),
                  "hours": round(sum(s["hours"] for s in shards), 6), "duration_edges_s": list(HIST_EDGES),
-                 "filtered": filtered, "shards": shards}
+                 "filtered": filtered, "text_settings": asdict(cfg.data.text), "chars": dict(sorted(chars.items())),
+                 "shards": shards}
         (tmp / INDEX).write_text(ckpt.json_text(index), encoding="utf-8")
         fill.index = index
 
@@ -253,6 +257,17 @@ class ShardSource:
         self.src, self.name, self.index = src, source_name(src), load_index(src)
         self.rows = sum(s["rows"] for s in self.index["shards"])
         self.languages = [src.language] if src.language else list(self.index.get("languages") or [])
+
+    def texts(self, data_cfg) -> list[str]:
+        """Cleaned transcripts for the CTC vocabulary and pre-flight's punctuation count. When index.json counted
+        the characters under the same data.text settings (and language) and the vocabulary is of characters: one
+        string holding each character once, punctuation and symbols as often as they occur, read from the index
+        alone. Else every shard's text column, cleaned (time grows with the corpus)."""
+        index, lang = self.index, self.src.language or (self.languages or [""])[0]
+        if (data_cfg.vocab == "char" and isinstance(index.get("chars"), dict)
+                and index.get("text_settings") == asdict(data_cfg.text) and index.get("languages") == [lang]):
+            return ["".join(c * (n if unicodedata.category(c)[0] in "PS" else 1) for c, n in index["chars"].items())]
+        return [clean_transcript(t, data_cfg.text, lang) for t in shard_texts(self.src, index)]
 
     def describe(self) -> str:
         return (f"{self.name}/train: streamed from {len(self.index['shards'])} shards in {self.src.path} "

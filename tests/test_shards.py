@@ -107,14 +107,12 @@ def test_resume_from_mid_run_checkpoint_equals_uninterrupted(shards, tmp_path):
     a, r = (final_params(p / "checkpoints" / "step-000010") for p in (tmp_path / "a", b))
     different = [k for k in a if not torch.equal(a[k], r[k])]
     assert not different, f"{len(different)} of {len(a)} tensors differ after the resume"
-    # Another world of streams cannot take the checkpoint's positions: one line, nothing trained.
-    c = tmp_path / "c"
-    shutil.copytree(b / "checkpoints" / "step-000005", c / "checkpoints" / "step-000005")
-    shutil.copytree(b / "vocab", c / "vocab")
-    cfg = resume_config(c, shards)
+    # Another number of streams cannot take the checkpoint's positions: one line.
+    cfg = resume_config(tmp_path / "c", shards)
     cfg.data.num_workers = 1
+    stream = ShardStream(ShardSource(cfg.data.sources[0]), cfg, None, True)
     with pytest.raises(ConfigError, match=r"saved with 1 ranks x 2 loader workers, this run has 1 x 1"):
-        train(cfg)
+        stream.load_state_dict(saved)
 
 
 def stream_ids(shards: Path, rank: int, world: int, workers: int, n_batches: int) -> list[list[str]]:
@@ -312,3 +310,28 @@ def test_shards_of_which_no_clip_passes_the_filters_are_one_line(shards):
                                                   dev="", test="")), cfg, None, True)
     with pytest.raises(DataError, match=r"no clip of shards shard-00000\d\.parquet, .* passes the filters"):
         next(stream.batches(torch.device("cpu")))
+
+
+def test_vocabulary_from_the_index_equals_the_text_column_one(shards):
+    """A fresh CTC run's vocabulary (and pre-flight's punctuation count) from the characters index.json counted
+    under the same data.text settings, without reading the shards; the same as from every shard's text column."""
+    import asr.shards as shards_mod
+    from asr.preflight import _punctuation
+    from asr.text import CharVocab
+
+    cfg = tiny_ctc_config(Path("/nonexistent"))
+    cfg.data.text.chars_to_ignore = ""  # punctuation kept: counted
+    write_shards(cfg, "train", shards.parent / "punct", shard_mb=SHARD_MB)
+    source = ShardSource(SourceConfig(kind="shards", path=str(shards.parent / "punct"), language="tr", train="train",
+                                      dev="", test=""))
+    from_column = source.texts(tiny_ctc_config(Path("/x")).data)  # other text settings: the text column, cleaned
+    assert len(from_column) == 32
+    real, shards_mod.shard_texts = shards_mod.shard_texts, None  # the index alone
+    try:
+        from_index = source.texts(cfg.data)
+    finally:
+        shards_mod.shard_texts = real
+    column = [shards_mod.clean_transcript(t, cfg.data.text, "tr") for t in real(source.src, source.index)]
+    assert CharVocab.build(from_index).tokens == CharVocab.build(column).tokens
+    punct = _punctuation(from_index, cfg)
+    assert punct["chars"] and punct == _punctuation(column, cfg)
