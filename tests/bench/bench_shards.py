@@ -12,7 +12,8 @@ process: start-up is the time from the call of asr.train.train to the start of t
 corpus, the vocabulary, the model, the loader; pre-flight is off for both: `--check` is separate), peak RSS the
 process's ru_maxrss at its end (batches capped at data.max_batch_s = 40 so that the steps' activations peak
 alike) and at the start of the first step (the corpus, model and loader before any forward pass), samples/s
-results.json's training throughput. Writes
+and audio s/s results.json's training throughput (batches differ: the folder source buckets clips by duration
+over the whole corpus, the shards within each stream's shuffle buffer). Writes
 tests/bench/results/shards.json. Figures on a shared machine: only ratios within one invocation mean much.
 """
 
@@ -68,7 +69,8 @@ def child(spec: dict) -> None:
     print(json.dumps({"startup_s": round(first["t"] - t0, 3), "total_s": round(time.time() - t0, 3),
                       "rss_at_first_step_mb": round(first["rss"], 1),
                       "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-                      "samples_per_s": round(results["train_samples_per_s"], 2)}))
+                      "samples_per_s": round(results["train_samples_per_s"], 2),
+                      "audio_s_per_s": round(results["train_audio_s_per_s"], 2)}))
 
 
 def folder_corpus(corpus: Path, scale: int, out: Path) -> Path:
