@@ -335,3 +335,19 @@ def test_vocabulary_from_the_index_equals_the_text_column_one(shards):
     assert CharVocab.build(from_index).tokens == CharVocab.build(column).tokens
     punct = _punctuation(from_index, cfg)
     assert punct["chars"] and punct == _punctuation(column, cfg)
+
+
+def test_command_line(tmp_path, capsys):
+    """python -m asr.shards: writes the shards (exit 0); settings errors are one line, exit status 2."""
+    from asr.shards import main
+
+    exp = write_exp(tiny_ctc_config(tmp_path / "run"), tmp_path / "exp.toml")
+    assert main(["--exp", str(exp), "--split", "train", "--out", str(tmp_path / "s"), "--shard-mb", "0.1"]) == 0
+    assert "wrote 3 shards, 32 clips" in capsys.readouterr().out
+    assert read_json(tmp_path / "s" / INDEX)["rows"] == 32
+    for args, message in ((["--split", "validation"], "--split: 'validation' is not train, dev or test"),
+                          (["--split", "test"], "--split test: no data source has a test split"),
+                          (["--shard-mb", "0"], "--shard-mb: must be above 0")):
+        assert main(["--exp", str(exp), "--out", str(tmp_path / "t"), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"error: {message}"] or (len(err) == 1 and message in err[0]), err
