@@ -346,7 +346,8 @@ def test_command_line(tmp_path, capsys):
     assert "wrote 3 shards, 32 clips" in capsys.readouterr().out
     assert read_json(tmp_path / "s" / INDEX)["rows"] == 32
     for args, message in ((["--split", "validation"], "--split: 'validation' is not train, dev or test"),
-                          (["--split", "test"], "--split test: no data source has a test split"),
+                          (["--split", "test", "--set", "data.sources.0.test="],
+                           "--split test: no data source has a test split"),
                           (["--shard-mb", "0"], "--shard-mb: must be above 0")):
         assert main(["--exp", str(exp), "--out", str(tmp_path / "t"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
