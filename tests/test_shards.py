@@ -18,6 +18,7 @@ from asr.data import DataError
 from asr.shards import INDEX, ShardSource, ShardStream, write_shards
 from asr.train import train
 
+from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
 from helpers import FIXTURE, final_params, read_json, scalars, tiny_ctc_config, write_exp
 
 SHARD_MB = 0.05  # 4 shards of 8 fixture clips
