@@ -220,6 +220,27 @@ class PreflightConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """On-the-fly augmentation of training clips in the loader workers (asr/augment.py); all off by default,
+    never applied at evaluation. Each clip's draws are seeded by run.seed, the epoch and the clip's index."""
+
+    speed: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]: one factor per clip (resampling)
+    noise_dir: str = ""  # a folder of noise clips (any format soundfile reads, e.g. MUSAN); "" off
+    noise_prob: float = 1.0  # share of clips that get noise (with noise_dir)
+    snr_db: list[float] = field(default_factory=lambda: [10.0, 30.0])  # [low, high]: the SNR, uniformly
+    gain_db: list[float] = field(default_factory=list)  # [low, high], e.g. [-6, 6]; [] off
+    # SpecAugment: on Whisper's log-mel features of each clip (time frames and mel channels set to 0, drawn in
+    # the loader workers); on CTC models transformers' own masks of the encoder's hidden states (these map to
+    # the model config's mask_time_prob, ...). Unset: off for Whisper, the checkpoint's (or model.mask_*) for CTC.
+    mask_time_prob: float | None = None  # about this share of frames masked, in spans of mask_time_length
+    mask_time_length: int | None = None  # default 10
+    mask_time_min_masks: int | None = None  # default 2
+    mask_feature_prob: float | None = None  # the same across mel channels (Whisper) / hidden channels (CTC)
+    mask_feature_length: int | None = None  # default 10
+    mask_feature_min_masks: int | None = None  # default 0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -229,6 +250,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -420,6 +442,7 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
+    _check_augment(cfg)
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
@@ -497,7 +520,27 @@ RANGES = {
     "preflight.cps_outlier_factor": "(1, inf)",
     "preflight.examples": "[0, inf)",
     "preflight.decode_sample": "[0, inf)",  # 0: off
+    "augment.speed": "[0.5, 2]",
+    "augment.noise_prob": "[0, 1]",
+    "augment.snr_db": "[-30, 100]",
+    "augment.gain_db": "[-60, 60]",
+    "augment.mask_time_prob": "[0, 1]",
+    "augment.mask_time_length": "[1, inf)",
+    "augment.mask_time_min_masks": "[0, inf)",
+    "augment.mask_feature_prob": "[0, 1]",
+    "augment.mask_feature_length": "[1, inf)",
+    "augment.mask_feature_min_masks": "[0, inf)",
 }
+
+
+def _check_augment(cfg: "Config") -> None:
+    a = cfg.augment
+    for key, value, empty_ok in (("snr_db", a.snr_db, False), ("gain_db", a.gain_db, True)):
+        if (value or not empty_ok) and (len(value) != 2 or value[0] > value[1]):
+            raise ConfigError(f"augment.{key}: expected [low, high] with low <= high, got {value!r}")
+    for name in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length"):
+        if getattr(a, name) is not None and getattr(cfg.model, name) is not None:
+            raise ConfigError(f"augment.{name} and model.{name}: both set; set only augment.{name}")
 
 
 def check_methods(cfg: "Config", family: str = "") -> None:
@@ -552,6 +595,9 @@ RESUME_FIXED = (
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
+    "augment.speed",  # the perturbed durations the batches are formed from
+    "augment.mask_time_prob", "augment.mask_time_length", "augment.mask_time_min_masks",  # CTC: the model's
+    "augment.mask_feature_prob", "augment.mask_feature_length", "augment.mask_feature_min_masks",  # config
 )
 
 

@@ -22,11 +22,12 @@ import torch
 
 from asr import allocator
 from asr import checkpoint as ckpt
+from asr.augment import noise_files, speed_on
 from asr import distributed as dist
 from asr.config import Config, ConfigError, check_methods, duplicate_source_names, eval_set_specs, to_toml
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
                       source_name, write_report)
-from asr.models import Bundle, build, export, infer_family
+from asr.models import Bundle, apply_augment_masks, build, export, infer_family
 from asr.text import clean_transcript, run_vocab
 
 
@@ -295,13 +296,16 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
     training = sorted({s.language for s in cfg.data.sources if s.train})
     languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
     bundle = build(cfg.model, vocab, languages)
+    apply_augment_masks(bundle, cfg.augment)
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
         labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
     kept, reports = {}, {}
     for (name, split), utts in raw.items():
         reports[f"{name}/{split}"] = SplitReport()
-        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
+        speeds = cfg.augment.speed if split == "train" and speed_on(cfg.augment) else ()  # the perturbed lengths
+        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"],
+                                              speeds=speeds)
     train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
     limit = cfg.eval.max_utterances or None
     eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
@@ -372,6 +376,8 @@ def start_run(cfg: Config, fresh: bool = False, training: bool = True) -> tuple[
     (an evaluation-only run writes neither: the folder's config.toml stays the training run's)."""
     device = pick_device(cfg.run.device)
     check_decoding(cfg)
+    if training and cfg.augment.noise_dir:
+        noise_files(cfg.augment.noise_dir)  # a missing or empty folder: one line (ConfigError) before any work
     out = Path(cfg.run.out_dir)
     lock_run_dir(out)  # before anything in it is removed or written
     if fresh and training and dist.is_main() and out.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from asr.audio import WHISPER_SAMPLE_RATE, log_mel, lengths_to_mask, normalize_waveform
+from asr.augment import apply_spec_masks
 from asr.config import ModelConfig
 from asr.data import WHISPER_MIN_S, Labeler, min_input_samples
 
@@ -244,14 +245,36 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
         raise ModelError(f"model.name: cannot load CTC model '{cfg.name}': {_first_line(e)}") from None
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    # The vector that replaces time-masked frames: without time masking (feature masking alone makes the
-    # model create it) it is never used, and DistributedDataParallel stops on a parameter without gradient.
-    embed = getattr(model.base_model, "masked_spec_embed", None)
-    if embed is not None and not (getattr(model.config, "apply_spec_augment", True) and model.config.mask_time_prob > 0):
-        embed.requires_grad_(False)
+    _mask_embed_trainable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Bundle("ctc", model, cfg, vocab=vocab)
+
+
+def _mask_embed_trainable(model) -> None:
+    # The vector that replaces time-masked frames: without time masking (feature masking alone makes the
+    # model create it) it is never used, and DistributedDataParallel stops on a parameter without gradient.
+    embed = getattr(model.base_model, "masked_spec_embed", None)
+    if embed is not None:
+        embed.requires_grad_(bool(getattr(model.config, "apply_spec_augment", True) and model.config.mask_time_prob > 0))
+
+
+AUGMENT_MASKS = ("mask_time_prob", "mask_time_length", "mask_time_min_masks", "mask_feature_prob",
+                 "mask_feature_length", "mask_feature_min_masks")
+
+
+def apply_augment_masks(bundle: Bundle, augment) -> None:
+    """A CTC model's SpecAugment (transformers' masks of the encoder's hidden states, read from its config at
+    each training forward) from the `[augment]` section's mask settings that are set."""
+    conf = bundle.model.config
+    values = {k: getattr(augment, k) for k in AUGMENT_MASKS if getattr(augment, k) is not None}
+    if bundle.family != "ctc" or not values:
+        return
+    for k, v in values.items():
+        setattr(conf, k, v)
+    if conf.mask_time_prob > 0 or conf.mask_feature_prob > 0:
+        conf.apply_spec_augment = True
+    _mask_embed_trainable(bundle.model)
 
 
 def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
@@ -406,6 +429,8 @@ def model_inputs(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     lengths = batch["audio_lengths"].to(device)  # (B,)
     if bundle.family == "whisper":
         features = log_mel(audio, bundle.model.config.num_mel_bins)  # (B, n_mels, 3000)
+        if "time_mask" in batch:  # a training batch with SpecAugment (asr.augment)
+            features = apply_spec_masks(features, batch["time_mask"], batch["freq_mask"])
         labels = batch["labels"].to(device)  # (B, L) full sequences, -100 padded
         decoder_input_ids = labels[:, :-1].clone()
         decoder_input_ids[decoder_input_ids == -100] = bundle.tokenizer.eos_token_id
