@@ -18,6 +18,7 @@ from asr.augment import (Augmenter, apply_spec_masks, mask_spans, mix_at_snr, pe
 from asr.config import AugmentConfig
 from asr.data import AudioDataset, DurationBatchSampler, Labeler, SplitReport, Utterance, collate, filter_utterances
 from asr.data import DataConfig, load_utterance_audio, read_source_split
+from asr.resume import ResumeError
 from asr.train import train
 
 from helpers import FIXTURE, final_params, read_json, tiny_ctc_config, write_exp
@@ -193,6 +194,10 @@ def test_resume_is_exact_with_augmentation_on(tmp_path, noise_dir):
     assert "resumed from" in (b / "train.log").read_text(encoding="utf-8")
     wa, wb = final_params(a / "checkpoints" / "step-000008"), final_params(b / "checkpoints" / "step-000008")
     assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    other = aug_config(b, noise_dir, max_steps=10)
+    other.augment.speed = [1.0, 1.1]  # the batches depend on it: a resume cannot take it
+    with pytest.raises(ResumeError, match=r"augment\.speed"):
+        train(other)
     cfg = aug_config(c, noise_dir)
     cfg.augment.speed, cfg.augment.noise_dir, cfg.augment.gain_db = [], "", []
     train(cfg, fresh=True)
