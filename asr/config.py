@@ -93,6 +93,13 @@ class DataConfig:
     report_examples: int = 5  # offending rows kept per reason in data_report.json
     # Training stops when more than this share of an epoch's clips fail to decode (0: any failure stops it).
     max_failed_fraction: float = 0.05
+    # Whisper: the share of training samples whose labels carry timestamp tokens (<|0.00|> text<|3.52|>, the
+    # speech start/end found by asr.timestamps.speech_bounds) instead of <|notimestamps|>; 0: none.
+    timestamp_prob: float = 0.0
+    # Whisper: the share of training samples that pack several clips of the same language into one sample
+    # of at most concat_max_s seconds, with one timestamped segment per clip (asr.timestamps).
+    concat_prob: float = 0.0
+    concat_max_s: float = 30.0
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -174,6 +181,9 @@ class EvalSetConfig:
     source: str = ""  # a data source's name
     split: str = "dev"  # train | dev | test: which of the source's split expressions
     name: str = ""  # defaults to "<source>-<split>"
+    # clips: each clip decoded alone; longform (Whisper): the split's clips joined into recordings of
+    # eval.longform_min_s to longform_max_s seconds, decoded with transformers' long-form generate
+    kind: str = "clips"
 
 
 @dataclass
@@ -190,6 +200,12 @@ class EvalConfig:
     examples: int = 4  # reference/hypothesis pairs shown in TensorBoard
     at_start: bool = True  # evaluate at step 0 (the zero-shot / untrained baseline) on a fresh run
     worst: int = 20  # eval/step-N.worst.tsv: the utterances with the highest WER
+    # Long-form sets (eval.sets kind = "longform"): recordings of a duration drawn in [min_s, max_s] (seeded
+    # with run.seed); `longform_recordings` of them (clips reused where the split is too short), or 0: as
+    # many as the split's clips fill without reuse.
+    longform_min_s: float = 60.0
+    longform_max_s: float = 180.0
+    longform_recordings: int = 0
 
 
 @dataclass
@@ -410,6 +426,8 @@ def validate(cfg: Config) -> None:
                               f"(sources: {', '.join(names) or 'none'})")
         if es.split not in ("train", "dev", "test"):
             raise ConfigError(f"eval.sets.{i}.split: {es.split!r} is not one of 'train', 'dev', 'test'")
+        if es.kind not in ("clips", "longform"):
+            raise ConfigError(f"eval.sets.{i}.kind: {es.kind!r} is not one of 'clips', 'longform'")
         set_name = eval_set_name(es)
         if set_name in set_names:  # a second set of the same name would silently replace the first
             raise ConfigError(f"eval.sets.{i}.name: {set_name!r} names an earlier evaluation set too")
@@ -420,6 +438,9 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
+    if cfg.eval.longform_min_s > cfg.eval.longform_max_s:
+        raise ConfigError(f"eval.longform_min_s: {cfg.eval.longform_min_s} is above eval.longform_max_s "
+                          f"({cfg.eval.longform_max_s})")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
@@ -450,6 +471,9 @@ RANGES = {
     "data.sp_vocab_size": "[4, inf)",
     "data.report_examples": "[0, inf)",
     "data.max_failed_fraction": "[0, 1]",
+    "data.timestamp_prob": "[0, 1]",
+    "data.concat_prob": "[0, 1]",
+    "data.concat_max_s": "(0, 30]",  # Whisper's window
     "model.hidden_size": "[0, inf)",  # 0 keeps the base config's size
     "model.num_layers": "[0, inf)",
     "model.num_heads": "[0, inf)",
@@ -486,6 +510,9 @@ RANGES = {
     "eval.batch_size": "[1, inf)",
     "eval.examples": "[0, inf)",
     "eval.worst": "[0, inf)",
+    "eval.longform_min_s": "(0, inf)",
+    "eval.longform_max_s": "(0, inf)",
+    "eval.longform_recordings": "[0, inf)",  # 0: as many as the clips fill
     "decode.beam_size": "[1, inf)",
     "decode.max_new_tokens": "[1, inf)",
     "decode.lm_alpha": "[0, inf)",
@@ -551,6 +578,7 @@ RESUME_FIXED = (
     "data.sources",  # the training clips, their order and ids
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
+    "data.timestamp_prob", "data.concat_prob", "data.concat_max_s",  # the training samples and their labels
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
 )
 

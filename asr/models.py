@@ -59,15 +59,16 @@ class Bundle:
         code = self.cfg.language_map.get(language, language)
         return whisper_code(code, language) if code else None
 
-    def prefix_tokens(self, language: str) -> list[int]:
-        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>"""
+    def prefix_tokens(self, language: str, timestamps: bool = False) -> list[int]:
+        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|> (without it for `timestamps`)"""
         tok = self.tokenizer
         ids = [tok.convert_tokens_to_ids("<|startoftranscript|>")]
         code = self.whisper_language(language)
         if code is not None:
             ids.append(tok.convert_tokens_to_ids(f"<|{code}|>"))
         ids.append(tok.convert_tokens_to_ids(f"<|{self.cfg.task}|>"))
-        ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
+        if not timestamps:
+            ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
         return ids
 
     def encode_whisper(self, text: str, language: str) -> list[int]:

@@ -238,7 +238,8 @@ def setup(cfg: Config, fresh: bool) -> Run:
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
     batches = iter(torch.utils.data.DataLoader(
-        AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio), batch_sampler=sampler,
+        AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio,
+                     samples=timestamp_samples(cfg, bundle, data.train)), batch_sampler=sampler,
         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
@@ -251,6 +252,17 @@ def setup(cfg: Config, fresh: bool) -> Run:
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
     return run
+
+
+def timestamp_samples(cfg: Config, bundle: Bundle, utts: list):
+    """The builder of timestamped and packed Whisper samples (data.timestamp_prob, data.concat_prob), or None."""
+    if bundle.family != "whisper" or (cfg.data.timestamp_prob <= 0 and cfg.data.concat_prob <= 0):
+        return None
+    from asr.timestamps import TimestampSamples
+
+    limit = min(bundle.model.config.max_target_positions, cfg.data.max_label_tokens or 1 << 30)
+    prefixes = {lang: bundle.prefix_tokens(lang, timestamps=True) for lang in {u.language for u in utts}}
+    return TimestampSamples(utts, bundle.tokenizer, prefixes, cfg.data, cfg.run.seed, limit)
 
 
 def wrap(model: torch.nn.Module, device: torch.device):
