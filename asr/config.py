@@ -679,6 +679,11 @@ def eval_set_specs(cfg: "Config") -> list[tuple[str, str, str]]:
     return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
 
 
+def eval_set_kind(cfg: "Config", name: str) -> str:
+    """The kind of evaluation set `name`: "clips", or "longform" (recordings joined from its clips)."""
+    return next((es.kind for es in cfg.eval.sets if eval_set_name(es) == name), "clips")
+
+
 def _check_regex(key: str, pattern: str) -> None:
     import re
 

@@ -23,7 +23,8 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, ConfigError, check_methods, duplicate_source_names, eval_set_specs, to_toml
+from asr.config import (Config, ConfigError, check_methods, duplicate_source_names, eval_set_name, eval_set_specs,
+                        to_toml)
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
                       source_name, write_report)
 from asr.models import Bundle, build, export, infer_family
@@ -306,6 +307,10 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
 
         labeler.timestamped = lambda text, lang: timestamped_length(bundle.tokenizer,
                                                                     bundle.prefix_tokens(lang, True), text)
+    longform = [es for es in cfg.eval.sets if es.kind == "longform"]
+    if longform and bundle.family != "whisper":
+        raise ConfigError(f"eval.sets: long-form set '{eval_set_name(longform[0])}' needs a Whisper model "
+                          f"(transformers' long-form generate)")
     kept, reports = {}, {}
     for (name, split), utts in raw.items():
         reports[f"{name}/{split}"] = SplitReport()

@@ -130,3 +130,86 @@ def test_packing_respects_the_label_limit(tmp_path):
         clips = samples.pack(0, 0, i)
         n = len(samples.prefixes["tr"]) + 1 + sum(2 + len(samples.text_ids(k)) for k in clips)
         assert clips[0] == i and (n <= 40 or len(clips) == 1)
+
+
+# ---------------------------------------------------------------------------------------
+# Long-form evaluation.
+
+
+def test_window_validity_and_boundary_alignment():
+    from asr.longform import align_boundaries, window_valid
+
+    eos, b = 50257, BEGIN
+    sot, tr, task = 50258, 50303, 50359
+    assert window_valid([sot, tr, task, b, 11, 12, b + 50, b + 50, 13, b + 120, eos], b, eos)
+    assert not window_valid([sot, tr, task, b, 11, 12, 13, eos], b, eos)  # a text never closed
+    assert not window_valid([sot, tr, task, 11, b + 10, eos], b, eos)  # text before the first timestamp
+    assert not window_valid([b + 60, 11, b + 50, eos], b, eos)  # time going back
+    assert not window_valid([sot, tr, task, eos], b, eos)  # no timestamp at all
+    true = [(0.5, 2.0), (2.5, 4.0), (4.4, 6.0)]
+    # The second true segment missed, the others found 0.1 s off (start) and 0.2 s off (end).
+    assert align_boundaries(true, [(0.6, 2.2), (4.5, 6.2)]) == pytest.approx([0.1, 0.2, 0.1, 0.2])
+    assert align_boundaries(true, []) == [] and align_boundaries(true, true) == [0.0] * 6
+
+
+def fake_utts(durations, language="tr"):
+    from asr.data import Utterance
+
+    return [Utterance(id=f"u{k}", text=f"w{k}", language=language, source="s", duration=d)
+            for k, d in enumerate(durations)]
+
+
+def test_long_recordings_are_seeded_and_within_their_durations():
+    from asr.data import DataError
+    from asr.longform import plan_recordings
+
+    utts = fake_utts([3.0 + (k % 5) for k in range(200)])  # 1000 s
+    recs = plan_recordings(utts, 60, 180, 0, seed=0, name="x")
+    assert len(recs) >= 5 and all(60 <= sum(u.duration for u in r.clips) <= 180 + 7 for r in recs)
+    ids = [u.id for r in recs for u in r.clips]
+    assert len(ids) == len(set(ids))  # count 0: each clip at most once
+    assert [[u.id for u in r.clips] for r in plan_recordings(utts, 60, 180, 0, seed=0)] == \
+        [[u.id for u in r.clips] for r in recs]
+    assert [u.id for u in plan_recordings(utts, 60, 180, 0, seed=1)[0].clips] != [u.id for u in recs[0].clips]
+    short = fake_utts([2.0] * 10)  # 20 s: reused for 3 recordings when asked, else none fits 60 s
+    assert len(plan_recordings(short, 60, 60, 3, seed=0)) == 3
+    with pytest.raises(DataError, match="evaluation set 'x': its 10 clips .* fill no long-form recording"):
+        plan_recordings(short, 60, 180, 0, seed=0, name="x")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Whisper trained 2 steps with timestamps and packing, evaluated on the dev clips and on a
+    long-form set of two recordings of 40-70 s built from the training split."""
+    from asr.config import EvalSetConfig
+    from asr.train import train
+
+    out = tmp_path_factory.mktemp("ts") / "run"
+    cfg = tiny_whisper_config(out, max_steps=2)
+    cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.concat_max_s = 0.5, 0.5, 20.0
+    cfg.eval.at_start, cfg.eval.max_utterances = False, 0
+    cfg.eval.sets = [EvalSetConfig(source="tr", split="dev"),
+                     EvalSetConfig(source="tr", split="train", name="long", kind="longform")]
+    cfg.eval.longform_min_s, cfg.eval.longform_max_s, cfg.eval.longform_recordings = 40.0, 70.0, 2
+    return cfg, train(cfg, fresh=True)
+
+
+@needs_whisper_base
+def test_longform_set_is_scored_into_the_eval_json_and_tensorboard(trained):
+    from helpers import read_json, read_tsv, scalars
+
+    cfg, results = trained
+    out = cfg.run.out_dir
+    m = read_json(f"{out}/eval/step-000002.long.json")
+    assert m["kind"] == "longform" and m["n"] == 2 and m["split"] == "train" and m["step"] == 2
+    assert 80 <= m["seconds"] <= 140 + 8 and m["windows"] >= 4  # two recordings of 40-70 s: 30 s windows
+    for key in ("wer", "cer", "wer_ortho", "cer_ortho"):
+        assert 0 <= m[key]
+    assert 0 <= m["valid_timestamps"] <= 1 and (m["boundary_error_s"] is None or m["boundary_error_s"] >= 0)
+    rows = read_tsv(f"{out}/eval/step-000002.long.tsv")
+    assert len(rows) == 2 and all(len(r["reference"].split()) > 40 for r in rows)
+    assert sum(int(r["segments"]) for r in rows) == m["clips"]
+    tags = scalars(out)
+    for key in ("wer", "wer_ortho", "valid_timestamps", "windows"):
+        assert f"eval/long/{key}" in tags
+    assert "valid_timestamps" in open(f"{out}/train.log", encoding="utf-8").read()
