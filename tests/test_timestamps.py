@@ -187,7 +187,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ts") / "run"
     cfg = tiny_whisper_config(out, max_steps=2)
     cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.concat_max_s = 0.5, 0.5, 20.0
-    cfg.eval.at_start, cfg.eval.max_utterances = False, 0
+    cfg.eval.at_start, cfg.eval.max_utterances, cfg.preflight.enabled = False, 0, False
     cfg.eval.sets = [EvalSetConfig(source="tr", split="dev"),
                      EvalSetConfig(source="tr", split="train", name="long", kind="longform")]
     cfg.eval.longform_min_s, cfg.eval.longform_max_s, cfg.eval.longform_recordings = 40.0, 70.0, 2
@@ -213,3 +213,27 @@ def test_longform_set_is_scored_into_the_eval_json_and_tensorboard(trained):
     for key in ("wer", "wer_ortho", "valid_timestamps", "windows"):
         assert f"eval/long/{key}" in tags
     assert "valid_timestamps" in open(f"{out}/train.log", encoding="utf-8").read()
+
+
+@needs_whisper_base
+def test_exported_model_gives_timestamps_through_the_pipeline_on_two_minutes(trained):
+    """What this proves: the exported final/ folder of a model trained with timestamps loads in transformers'
+    pipeline, which runs its long-form (sequential, over 30 s) decoding with return_timestamps=True on a
+    2-minute recording and returns chunks whose timestamps are numbers that never go back. A 2-step tiny
+    model transcribes nothing right and its times need not match the speech (nor stay within the recording):
+    that is for the benchmark to measure with a real model."""
+    from transformers import pipeline
+
+    cfg, _ = trained
+    clips = sorted((FIXTURE / "clips").glob("*.mp3"))
+    audio = torch.cat([load_audio(c, SR) for c in clips] * 2)[: 120 * SR]  # 2 minutes of speech
+    assert audio.shape[0] == 120 * SR
+    asr = pipeline("automatic-speech-recognition", model=f"{cfg.run.out_dir}/final", device="cpu")
+    out = asr({"raw": audio.numpy(), "sampling_rate": SR}, return_timestamps=True,
+              generate_kwargs={"num_beams": 1, "max_new_tokens": 8})
+    chunks = out["chunks"]
+    assert chunks and isinstance(out["text"], str)
+    stamps = [t for c in chunks for t in c["timestamp"]]
+    assert all(isinstance(t, float) for t in stamps), chunks  # every chunk closed with an end time
+    assert stamps == sorted(stamps) and stamps[0] >= 0, chunks  # increasing: starts <= ends <= next starts
+    assert stamps[-1] > 90.0  # the windows moved through the whole recording, not only its first 30 s
