@@ -100,6 +100,9 @@ class DataConfig:
     # of at most concat_max_s seconds, with one timestamped segment per clip (asr.timestamps).
     concat_prob: float = 0.0
     concat_max_s: float = 30.0
+    # Whisper: the share of training samples conditioned on another clip's text of the same language after
+    # <|startofprev|> (as Whisper conditions on the previous segment's text); the loss skips that prompt.
+    prev_text_prob: float = 0.0
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -474,6 +477,7 @@ RANGES = {
     "data.timestamp_prob": "[0, 1]",
     "data.concat_prob": "[0, 1]",
     "data.concat_max_s": "(0, 30]",  # Whisper's window
+    "data.prev_text_prob": "[0, 1]",
     "model.hidden_size": "[0, inf)",  # 0 keeps the base config's size
     "model.num_layers": "[0, inf)",
     "model.num_heads": "[0, inf)",
@@ -578,7 +582,7 @@ RESUME_FIXED = (
     "data.sources",  # the training clips, their order and ids
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
-    "data.timestamp_prob", "data.concat_prob", "data.concat_max_s",  # the training samples and their labels
+    "data.timestamp_prob", "data.concat_prob", "data.concat_max_s", "data.prev_text_prob",  # the samples, labels
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
 )
 

@@ -542,7 +542,8 @@ class AudioDataset(torch.utils.data.Dataset):
             except ClipFailed as e:  # a clip packed with this one: it is the one that failed
                 return {"utt": e.utt, "audio": None, "error": str(e), "state": state}
             if sample is not None:
-                return {"utt": utt, "audio": sample[0], "labels": sample[1], "error": None, "state": state}
+                return {"utt": utt, "audio": sample[0], "labels": sample[1], "prompt_length": sample[2],
+                        "error": None, "state": state}
         return {"utt": utt, "audio": audio, "error": None, "state": state}
 
 
@@ -552,7 +553,8 @@ def collate(items: list[dict]) -> dict:
     audio (B, N) float32 zero-padded, audio_lengths (B,), labels (B, L) padded with -100,
     label_lengths (B,); ids/texts/languages as lists; `dropped` lists (id, error) of clips
     that failed to decode; `sampler_state` is where the sampler resumes after this batch. An item's own
-    `labels` (a timestamped or packed sample) replace its utterance's.
+    `labels` (a timestamped or packed sample) replace its utterance's; prompt_lengths (B,) counts their
+    leading previous-text tokens (0 without).
     """
     state = items[-1]["state"] if items else None
     dropped = [(it["utt"].id, it["error"]) for it in items if it["audio"] is None]
@@ -574,6 +576,8 @@ def collate(items: list[dict]) -> dict:
         "audio_lengths": torch.tensor([it["audio"].shape[0] for it in items], dtype=torch.long),  # (B,)
         "labels": labels,  # (B, L)
         "label_lengths": torch.tensor([len(ids) for ids in item_labels], dtype=torch.long),  # (B,)
+        # Whisper: leading label tokens that are a previous-text prompt, not targets (B,)
+        "prompt_lengths": torch.tensor([it.get("prompt_length", 0) for it in items], dtype=torch.long),
         "dropped": dropped,
         "sampler_state": state,
     }

@@ -299,10 +299,10 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
         labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
+    on = [k for k in ("timestamp_prob", "concat_prob", "prev_text_prob") if getattr(cfg.data, k) > 0]
+    if on and bundle.family != "whisper":
+        raise ConfigError(f"data.{on[0]}: Whisper's timestamp and prompt labels are not for CTC models; set it to 0")
     if cfg.data.timestamp_prob > 0 or cfg.data.concat_prob > 0:
-        if bundle.family != "whisper":
-            key = "data.timestamp_prob" if cfg.data.timestamp_prob > 0 else "data.concat_prob"
-            raise ConfigError(f"{key}: timestamp labels are for Whisper models, not CTC ones; set it to 0")
         from asr.timestamps import timestamped_length
 
         labeler.timestamped = lambda text, lang: timestamped_length(bundle.tokenizer,

@@ -422,7 +422,12 @@ def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     """What a loss function reads besides the outputs: targets and lengths on `device`."""
     labels = batch["labels"].to(device)
     if bundle.family == "whisper":
-        return {"labels": labels[:, 1:]}  # (B, L-1) next-token targets
+        targets = labels[:, 1:]  # (B, L-1) next-token targets
+        prompt = batch.get("prompt_lengths")
+        if prompt is not None and bool((prompt > 0).any()):  # a <|startofprev|> prompt: context, not targets
+            skip = torch.arange(targets.shape[1], device=device)[None, :] < prompt.to(device)[:, None]  # (B, L-1)
+            targets = targets.masked_fill(skip, -100)
+        return {"labels": targets}
     out_lengths = ctc_output_lengths(bundle.model, batch["audio_lengths"]).to(device)
     return {"labels": labels, "label_lengths": batch["label_lengths"].to(device), "out_lengths": out_lengths,
             "blank": bundle.vocab.blank}

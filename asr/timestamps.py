@@ -13,6 +13,7 @@ import torch
 TIME_PRECISION = 0.02  # seconds per timestamp token (<|0.00|>, <|0.02|>, ... <|30.00|>)
 MAX_TIME = 30.0  # Whisper's window
 PACK_CANDIDATES = 16  # clips drawn per packed sample; those that fit join it, in the order drawn
+MAX_PROMPT = 223  # previous-text tokens at most (Whisper's max_target_positions // 2 - 1)
 
 
 def speech_bounds(audio: torch.Tensor, sample_rate: int, frame_s: float = TIME_PRECISION,
@@ -67,7 +68,9 @@ class TimestampSamples:
     `data.concat_prob` several clips of its language packed into at most `data.concat_max_s` seconds (the
     drawn clip first, then clips drawn at random that fit the duration and the label limit), one
     timestamped segment each; else with probability `data.timestamp_prob` the clip alone with timestamps;
-    else None (the clip's own <|notimestamps|> labels). Every draw comes from `sample_rng` of the sampler
+    else the clip's own <|notimestamps|> labels. With probability `data.prev_text_prob` the labels start
+    with <|startofprev|> and the text of a clip of the same language drawn at random (the prompt, which
+    the loss skips). Every draw comes from `sample_rng` of the sampler
     position, so a resumed run builds the same samples. Segments run from the detected speech start to end
     (`speech_bounds`), shifted by the clip's place in the pack."""
 
@@ -75,9 +78,11 @@ class TimestampSamples:
                  max_tokens: int):
         self.utts, self.tokenizer, self.prefixes, self.seed = utts, tokenizer, prefixes, seed
         self.timestamp_prob, self.concat_prob = data_cfg.timestamp_prob, data_cfg.concat_prob
+        self.prev_text_prob = data_cfg.prev_text_prob
         self.max_s, self.sample_rate, self.max_tokens = data_cfg.concat_max_s, data_cfg.sample_rate, max_tokens
         self.begin = tokenizer.convert_tokens_to_ids("<|0.00|>")
         self.eos = tokenizer.eos_token_id
+        self.startofprev = tokenizer.convert_tokens_to_ids("<|startofprev|>")
         self.by_language: dict[str, list[int]] = defaultdict(list)
         for k, u in enumerate(utts):
             self.by_language[u.language].append(k)
@@ -91,28 +96,45 @@ class TimestampSamples:
 
     def pack(self, epoch: int, position: int, index: int) -> list[int] | None:
         """The clips of the sample that clip `index` makes at (epoch, position), in order; None: plain labels."""
+        return self.draw(epoch, position, index)[0]
+
+    def draw(self, epoch: int, position: int, index: int) -> tuple[list[int] | None, int | None]:
+        """(the sample's clips in order, or None for the clip's plain labels; the clip whose text is the
+        previous-text prompt, or None)."""
         rng = sample_rng(self.seed, epoch, position, index)
         packed, timestamped = rng.random() < self.concat_prob, rng.random() < self.timestamp_prob
-        if not packed:
-            return [index] if timestamped else None
         utt = self.utts[index]
+        pool = self.by_language[utt.language]
+        prev = rng.choice(pool) if rng.random() < self.prev_text_prob else None
+        if not packed:
+            return ([index] if timestamped else None), prev
         clips, seconds = [index], utt.duration
         tokens = len(self.prefixes[utt.language]) + 3 + len(self.text_ids(index))
-        pool = self.by_language[utt.language]
         for k in rng.sample(pool, min(len(pool), PACK_CANDIDATES)):
             more = 2 + len(self.text_ids(k))
             if k not in clips and seconds + self.utts[k].duration <= self.max_s and tokens + more <= self.max_tokens:
                 clips.append(k)
                 seconds += self.utts[k].duration
                 tokens += more
-        return clips
+        return clips, prev
+
+    def prompt(self, k: int | None, labels: list[int]) -> list[int]:
+        """<|startofprev|> and clip k's text (its last tokens: at most 223, and what fits before `labels` in
+        the token limit); [] for none or no room."""
+        room = min(MAX_PROMPT, self.max_tokens - len(labels) - 1)
+        if k is None or room <= 0:
+            return []
+        return [self.startofprev] + self.text_ids(k)[-room:]
 
     def __call__(self, epoch: int, position: int, index: int, audio: torch.Tensor, load):
-        """(audio (N,), labels) of the sample, or None for the clip's own labels. `load(k)` decodes clip k;
-        a packed clip that fails raises ClipFailed naming it."""
-        clips = self.pack(epoch, position, index)
+        """(audio (N,), labels, prompt length) of the sample, or None for the clip's own labels. `load(k)`
+        decodes clip k; a packed clip that fails raises ClipFailed naming it."""
+        clips, prev = self.draw(epoch, position, index)
         if clips is None:
-            return None
+            if prev is None:
+                return None
+            prompt = self.prompt(prev, self.utts[index].labels)
+            return audio, prompt + self.utts[index].labels, len(prompt)
         parts, segments, offset = [], [], 0
         for k in clips:
             try:
@@ -124,7 +146,9 @@ class TimestampSamples:
             parts.append(a)
             offset += a.shape[0]
         audio = torch.cat(parts)[: int(MAX_TIME * self.sample_rate)]  # decoded lengths can pass the headers'
-        return audio, timestamp_labels(self.prefixes[self.utts[index].language], segments, self.begin, self.eos)
+        labels = timestamp_labels(self.prefixes[self.utts[index].language], segments, self.begin, self.eos)
+        prompt = self.prompt(prev, labels)
+        return audio, prompt + labels, len(prompt)
 
 
 def timestamped_length(tokenizer, prefix: list[int], text: str) -> int:

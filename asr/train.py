@@ -255,8 +255,9 @@ def setup(cfg: Config, fresh: bool) -> Run:
 
 
 def timestamp_samples(cfg: Config, bundle: Bundle, utts: list):
-    """The builder of timestamped and packed Whisper samples (data.timestamp_prob, data.concat_prob), or None."""
-    if bundle.family != "whisper" or (cfg.data.timestamp_prob <= 0 and cfg.data.concat_prob <= 0):
+    """The builder of timestamped, packed and prompted Whisper samples (data.timestamp_prob, concat_prob,
+    prev_text_prob), or None."""
+    if bundle.family != "whisper" or max(cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.prev_text_prob) <= 0:
         return None
     from asr.timestamps import TimestampSamples
 

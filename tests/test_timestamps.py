@@ -132,6 +132,31 @@ def test_packing_respects_the_label_limit(tmp_path):
         assert clips[0] == i and (n <= 40 or len(clips) == 1)
 
 
+@needs_whisper_base
+def test_prev_text_prompt_is_context_and_not_a_target(tmp_path):
+    from asr.models import loss_batch
+
+    cfg, bundle, utts = whisper_data(tmp_path, prev_text_prob=1.0, timestamp_prob=0.5)
+    dataset = samples_of(cfg, bundle, utts)
+    items = [dataset[(0, 1, i)] for i in range(8)]
+    prev, sot = bundle.tokenizer.convert_tokens_to_ids(["<|startofprev|>", "<|startoftranscript|>"])
+    texts = {" " + u.label_text for u in utts}
+    for item in items:
+        labels, p = item["labels"], item["prompt_length"]
+        # <|startofprev|> another clip's text, then the sample's own sequence from <|startoftranscript|>
+        assert labels[0] == prev and labels[p] == sot and p > 1 and len(labels) <= 448
+        assert bundle.tokenizer.decode(labels[1:p]) in texts
+    batch = collate(items)
+    targets = loss_batch(bundle, batch, torch.device("cpu"))["labels"]  # (B, L-1): labels shifted by one
+    for b, item in enumerate(items):
+        p, n = item["prompt_length"], len(item["labels"])
+        assert (targets[b, :p] == -100).all()  # the prompt and <|startoftranscript|> are not predicted
+        assert targets[b, p:n - 1].tolist() == item["labels"][p + 1:]  # the rest is, as without a prompt
+    # Without a prompt the targets are the labels shifted by one, as before.
+    plain = collate([samples_of(tiny_whisper_config(tmp_path / "b"), bundle, utts)[(0, 1, i)] for i in range(2)])
+    assert torch.equal(loss_batch(bundle, plain, torch.device("cpu"))["labels"], plain["labels"][:, 1:])
+
+
 # ---------------------------------------------------------------------------------------
 # Long-form evaluation.
 
@@ -179,7 +204,7 @@ def test_long_recordings_are_seeded_and_within_their_durations():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny Whisper trained 2 steps with timestamps and packing, evaluated on the dev clips and on a
+    """A tiny Whisper trained 2 steps with timestamps, packing and prompts, evaluated on the dev clips and on a
     long-form set of two recordings of 40-70 s built from the training split."""
     from asr.config import EvalSetConfig
     from asr.train import train
@@ -187,6 +212,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("ts") / "run"
     cfg = tiny_whisper_config(out, max_steps=2)
     cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.concat_max_s = 0.5, 0.5, 20.0
+    cfg.data.prev_text_prob = 0.3
     cfg.eval.at_start, cfg.eval.max_utterances, cfg.preflight.enabled = False, 0, False
     cfg.eval.sets = [EvalSetConfig(source="tr", split="dev"),
                      EvalSetConfig(source="tr", split="train", name="long", kind="longform")]
