@@ -263,3 +263,17 @@ def test_exported_model_gives_timestamps_through_the_pipeline_on_two_minutes(tra
     assert all(isinstance(t, float) for t in stamps), chunks  # every chunk closed with an end time
     assert stamps == sorted(stamps) and stamps[0] >= 0, chunks  # increasing: starts <= ends <= next starts
     assert stamps[-1] > 90.0  # the windows moved through the whole recording, not only its first 30 s
+
+
+@pytest.mark.parametrize("assignment", ["data.timestamp_prob=0.5", "data.prev_text_prob=0.1",
+                                        'eval.sets=[{source = "tr", split = "dev", kind = "longform"}]'])
+def test_whisper_only_settings_on_a_ctc_model_stop_with_one_line(tmp_path, assignment, capsys):
+    import run
+    from helpers import tiny_ctc_config, write_exp
+
+    exp = write_exp(tiny_ctc_config(tmp_path / "run"), tmp_path / "exp.toml")
+    assert run.main(["--exp", str(exp), "--set", assignment]) == 2
+    err = capsys.readouterr().err.strip()
+    key = "eval.sets.0.kind" if "kind" in assignment else assignment.split("=")[0]
+    assert err.startswith(f"error: {key}: ") and "Whisper" in err and "\n" not in err, err
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]  # before anything is written
