@@ -323,6 +323,7 @@ class Labeler:
     max_tokens: int = 0  # labels longer than this are dropped (0: no limit)
     output_frames: Callable[[int], int] | None = None  # CTC: frames for n input samples
     min_samples: int = 0  # shorter clips are dropped as too_short (CTC: the receptive field, see min_input_samples)
+    timestamped: Callable[[str, str], int] | None = None  # Whisper with timestamps: that label's length
 
 
 def min_input_samples(output_frames: Callable[[int], int]) -> int:
@@ -462,8 +463,12 @@ def _length_problem(u: Utterance, duration: float, n: int, cfg: DataConfig,
         return "too_short", {"duration": round(duration, 3), "model_min_s": round(labeler.min_samples / cfg.sample_rate, 4)}
     if cfg.max_duration_s and duration > cfg.max_duration_s:
         return "too_long", {"duration": round(duration, 3)}
-    if labeler is not None and labeler.max_tokens and len(u.labels) > labeler.max_tokens:
-        return "labels_too_long", {"tokens": len(u.labels)}
+    if labeler is not None:
+        tokens = len(u.labels)
+        if labeler.timestamped is not None:
+            tokens = max(tokens, labeler.timestamped(u.label_text, u.language))
+        if labeler.max_tokens and tokens > labeler.max_tokens:
+            return "labels_too_long", {"tokens": tokens}
     if labeler is not None and labeler.output_frames is not None:
         frames, need = labeler.output_frames(n), ctc_min_frames(u.labels)
         if frames < need:
@@ -519,34 +524,53 @@ class AudioDataset(torch.utils.data.Dataset):
     """Decodes one utterance per item. Keys are (epoch, position, index) tuples from the
     batch sampler, or plain indices. A clip that fails to decode yields a `dropped` record.
     With `cache`, decoded clips are kept (in each loader worker, or in the main process without
-    workers) and later epochs decode nothing. With `augment` (an asr.augment.Augmenter; training only),
-    each sampler key's clip is augmented with the draws of its (epoch, index)."""
+    workers) and later epochs decode nothing. `samples` (asr.timestamps.TimestampSamples) turns a keyed
+    clip into its training sample (timestamped labels, packed clips); the item then holds its `labels`.
+    With `augment` (an asr.augment.Augmenter; training only), each keyed clip (or sample) is augmented with
+    the draws of its (epoch, index)."""
 
-    def __init__(self, utts: list[Utterance], sample_rate: int = 16000, cache: bool = False, augment=None):
+    def __init__(self, utts: list[Utterance], sample_rate: int = 16000, cache: bool = False, samples=None,
+                 augment=None):
         self.utts = utts
         self.sample_rate = sample_rate
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.samples = samples
         self.augment = augment
 
     def __len__(self) -> int:
         return len(self.utts)
 
+    def load(self, i: int) -> torch.Tensor:
+        audio = self.cache.get(i) if self.cache is not None else None
+        if audio is None:
+            audio = load_utterance_audio(self.utts[i], self.sample_rate)
+            if self.cache is not None:
+                self.cache[i] = audio
+        return audio
+
     def __getitem__(self, key):
         epoch, pos, i = key if isinstance(key, tuple) else (None, None, key)
         utt = self.utts[i]
         state = None if epoch is None else {"epoch": epoch, "position": pos + 1}
-        audio = self.cache.get(i) if self.cache is not None else None
-        if audio is None:
+        try:
+            audio = self.load(i)
+        except Exception as e:
+            return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    "state": state}
+        item = {"utt": utt, "audio": audio, "error": None, "state": state}
+        if self.samples is not None and epoch is not None:
+            from asr.timestamps import ClipFailed
+
             try:
-                audio = load_utterance_audio(utt, self.sample_rate)
-            except Exception as e:
-                return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                        "state": state}
-            if self.cache is not None:
-                self.cache[i] = audio
+                sample = self.samples(epoch, pos, i, audio, self.load)
+            except ClipFailed as e:  # a clip packed with this one: it is the one that failed
+                return {"utt": e.utt, "audio": None, "error": str(e), "state": state}
+            if sample is not None:
+                item = {"utt": utt, "audio": sample[0], "labels": sample[1], "prompt_length": sample[2],
+                        "error": None, "state": state}
         if self.augment is not None and epoch is not None:
-            return {"utt": utt, "error": None, "state": state, **self.augment(audio, utt.speeds, epoch, i)}
-        return {"utt": utt, "audio": audio, "error": None, "state": state}
+            item.update(self.augment(item["audio"], utt.speeds, epoch, i))
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -554,20 +578,23 @@ def collate(items: list[dict]) -> dict:
 
     audio (B, N) float32 zero-padded, audio_lengths (B,), labels (B, L) padded with -100,
     label_lengths (B,); ids/texts/languages as lists; `dropped` lists (id, error) of clips
-    that failed to decode; `sampler_state` is where the sampler resumes after this batch. Items with
-    SpecAugment masks (asr.augment) add time_mask (B, T) (False-padded) and freq_mask (B, n_mels).
+    that failed to decode; `sampler_state` is where the sampler resumes after this batch. An item's own
+    `labels` (a timestamped or packed sample) replace its utterance's; prompt_lengths (B,) counts their
+    leading previous-text tokens (0 without). Items with SpecAugment masks (asr.augment) add time_mask (B, T)
+    (False-padded) and freq_mask (B, n_mels).
     """
     state = items[-1]["state"] if items else None
     dropped = [(it["utt"].id, it["error"]) for it in items if it["audio"] is None]
     items = [it for it in items if it["audio"] is not None]
+    item_labels = [it.get("labels", it["utt"].labels) for it in items]
     B = len(items)
     n_max = max((it["audio"].shape[0] for it in items), default=0)
-    l_max = max((len(it["utt"].labels) for it in items), default=0)
+    l_max = max((len(ids) for ids in item_labels), default=0)
     audio = torch.zeros(B, n_max)
     labels = torch.full((B, l_max), -100, dtype=torch.long)
     for b, it in enumerate(items):
         audio[b, : it["audio"].shape[0]] = it["audio"]
-        labels[b, : len(it["utt"].labels)] = torch.tensor(it["utt"].labels, dtype=torch.long)
+        labels[b, : len(item_labels[b])] = torch.tensor(item_labels[b], dtype=torch.long)
     masks = {}
     if items and "time_mask" in items[0]:
         t_max = max(it["time_mask"].shape[0] for it in items)
@@ -583,7 +610,9 @@ def collate(items: list[dict]) -> dict:
         "audio": audio,  # (B, N)
         "audio_lengths": torch.tensor([it["audio"].shape[0] for it in items], dtype=torch.long),  # (B,)
         "labels": labels,  # (B, L)
-        "label_lengths": torch.tensor([len(it["utt"].labels) for it in items], dtype=torch.long),  # (B,)
+        "label_lengths": torch.tensor([len(ids) for ids in item_labels], dtype=torch.long),  # (B,)
+        # Whisper: leading label tokens that are a previous-text prompt, not targets (B,)
+        "prompt_lengths": torch.tensor([it.get("prompt_length", 0) for it in items], dtype=torch.long),
         "dropped": dropped,
         "sampler_state": state,
     }

@@ -60,15 +60,16 @@ class Bundle:
         code = self.cfg.language_map.get(language, language)
         return whisper_code(code, language) if code else None
 
-    def prefix_tokens(self, language: str) -> list[int]:
-        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>"""
+    def prefix_tokens(self, language: str, timestamps: bool = False) -> list[int]:
+        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|> (without it for `timestamps`)"""
         tok = self.tokenizer
         ids = [tok.convert_tokens_to_ids("<|startoftranscript|>")]
         code = self.whisper_language(language)
         if code is not None:
             ids.append(tok.convert_tokens_to_ids(f"<|{code}|>"))
         ids.append(tok.convert_tokens_to_ids(f"<|{self.cfg.task}|>"))
-        ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
+        if not timestamps:
+            ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
         return ids
 
     def encode_whisper(self, text: str, language: str) -> list[int]:
@@ -446,7 +447,12 @@ def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     """What a loss function reads besides the outputs: targets and lengths on `device`."""
     labels = batch["labels"].to(device)
     if bundle.family == "whisper":
-        return {"labels": labels[:, 1:]}  # (B, L-1) next-token targets
+        targets = labels[:, 1:]  # (B, L-1) next-token targets
+        prompt = batch.get("prompt_lengths")
+        if prompt is not None and bool((prompt > 0).any()):  # a <|startofprev|> prompt: context, not targets
+            skip = torch.arange(targets.shape[1], device=device)[None, :] < prompt.to(device)[:, None]  # (B, L-1)
+            targets = targets.masked_fill(skip, -100)
+        return {"labels": targets}
     out_lengths = ctc_output_lengths(bundle.model, batch["audio_lengths"]).to(device)
     return {"labels": labels, "label_lengths": batch["label_lengths"].to(device), "out_lengths": out_lengths,
             "blank": bundle.vocab.blank}

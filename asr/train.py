@@ -204,7 +204,8 @@ def setup(cfg: Config, fresh: bool) -> Run:
     sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
                                    seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank(),
                                    by_duration=by_duration, durations_at=perturbed_durations(cfg, data.train))
-    dataset = AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio, augment=augmenter)
+    dataset = AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio,
+                           samples=timestamp_samples(cfg, bundle, data.train), augment=augmenter)
     tb = None
     if dist.is_main():
         tb = Board(out / "tb", log)
@@ -242,7 +243,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
     if tb and augmenter and state.step == 0:
-        show_augmented(tb, augmenter, data.train, sampler, bundle, cfg.data.sample_rate)
+        show_augmented(tb, dataset, sampler, augmenter.n_mels, cfg.data.sample_rate)
     batches = iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler,
         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
@@ -279,27 +280,37 @@ def perturbed_durations(cfg: Config, utts: list):
                           for i, u in enumerate(utts)]
 
 
-def show_augmented(tb, augmenter: Augmenter, utts: list, sampler, bundle: Bundle, sample_rate: int, n: int = 3):
+def show_augmented(tb, dataset: AudioDataset, sampler, n_mels: int, sample_rate: int, n: int = 3):
     """TensorBoard at step 0: the first training batch's first `n` clips as the model gets them (audio, and
     their log-mel with Whisper's masks as images), so the augmentation can be heard and seen."""
     from asr.audio import log_mel
 
-    dataset = AudioDataset(utts, sample_rate, augment=augmenter)
     for k, key in enumerate(next(iter(sampler))[:n]):
         item = dataset[key]
         if item["audio"] is None:
             continue
         audio = item["audio"]  # (N,)
         tb.add_audio(f"augment/{k}/audio", audio.clamp(-1, 1)[None], 0, sample_rate=sample_rate)
-        n_mels = augmenter.n_mels or 80
         frames = min(3000, audio.shape[0] // 160 + 1)
-        mel = log_mel(audio[None], n_mels)  # (1, n_mels, 3000)
+        mel = log_mel(audio[None], n_mels or 80)  # (1, n_mels, 3000)
         if "time_mask" in item:
             mel = apply_spec_masks(mel, item["time_mask"][None], item["freq_mask"][None])
         mel = mel[0, :, :frames].flip(0)  # (n_mels, T), low frequencies at the bottom
         image = (mel - mel.min()) / (mel.max() - mel.min()).clamp(min=1e-6)
         tb.add_image(f"augment/{k}/log_mel", image[None], 0)
         tb.add_text(f"augment/{k}/clip", f"{item['utt'].id}: {item['utt'].text}", 0)
+
+
+def timestamp_samples(cfg: Config, bundle: Bundle, utts: list):
+    """The builder of timestamped, packed and prompted Whisper samples (data.timestamp_prob, concat_prob,
+    prev_text_prob), or None."""
+    if bundle.family != "whisper" or max(cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.prev_text_prob) <= 0:
+        return None
+    from asr.timestamps import TimestampSamples
+
+    limit = min(bundle.model.config.max_target_positions, cfg.data.max_label_tokens or 1 << 30)
+    prefixes = {lang: bundle.prefix_tokens(lang, timestamps=True) for lang in {u.language for u in utts}}
+    return TimestampSamples(utts, bundle.tokenizer, prefixes, cfg.data, cfg.run.seed, limit)
 
 
 def wrap(model: torch.nn.Module, device: torch.device):

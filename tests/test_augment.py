@@ -245,6 +245,7 @@ def test_evaluation_is_untouched_and_tensorboard_shows_augmented_clips(tmp_path,
     (["augment.gain_db=[6]"], "augment.gain_db: expected [low, high] with low <= high"),
     (["augment.noise_prob=1.5"], "augment.noise_prob: must be in [0, 1]"),
     (["augment.mask_time_prob=0.2", "model.mask_time_prob=0.1"], "augment.mask_time_prob and model.mask_time_prob"),
+    (["augment.speed=[0.9, 1.1]", "data.timestamp_prob=0.5"], "augment.speed: not supported with data.timestamp_prob"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, overrides, message):
     import run
