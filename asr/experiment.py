@@ -22,8 +22,8 @@ import torch
 
 from asr import allocator
 from asr import checkpoint as ckpt
-from asr.augment import noise_files, speed_on
 from asr import distributed as dist
+from asr.augment import noise_files, speed_on
 from asr.config import (Config, ConfigError, check_methods, duplicate_source_names, eval_set_name, eval_set_specs,
                         to_toml)
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
