@@ -77,11 +77,10 @@ def mix_at_snr(audio: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch
 def mask_spans(length: int, prob: float, width: int, min_masks: int, generator: torch.Generator) -> torch.Tensor:
     """SpecAugment spans along one axis of `length`, as transformers' `_compute_mask_indices` draws them for
     one row: int(prob x length / width + U[0, 1)) spans (at least `min_masks`) of `width`, starting at
-    distinct positions, wholly inside. (length,) bool"""
+    distinct positions, wholly inside; none when the axis is shorter than `width`. (length,) bool"""
     mask = torch.zeros(length, dtype=torch.bool)
-    if prob <= 0 or length <= 0:
+    if prob <= 0 or length < width:
         return mask
-    width = min(width, length)
     n = max(int(prob * length / width + float(torch.rand((), generator=generator))), min_masks)
     n = min(n, length - width + 1)
     for start in torch.randperm(length - width + 1, generator=generator)[:n].tolist():

@@ -95,6 +95,7 @@ def test_masks_cover_the_configured_widths():
     spans = runs[::2]  # lengths of the masked runs: whole spans, overlapping ones merged
     assert len(spans) >= 2 and all(int(s) >= 10 for s in spans)
     assert 0.15 * 1000 < int(many.sum()) <= 0.3 * 1000 + 10
+    assert not mask_spans(9, prob=1.0, width=10, min_masks=2, generator=g).any()  # a clip shorter than a span
     # Whisper: per clip, over its own frames, then applied to the log-mel features.
     aug = Augmenter(AugmentConfig(mask_time_prob=0.05, mask_time_length=12, mask_feature_prob=0.0001,
                                   mask_feature_length=9, mask_feature_min_masks=1), 0, 16000, n_mels=80,
