@@ -261,3 +261,20 @@ def test_bad_settings_are_one_line(tmp_path, capsys, overrides, message):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message.replace("NOISE", str(tmp_path)) in err, err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_ctc_masks_from_the_augment_section_reach_the_model_config():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    from asr.config import ModelConfig
+    from asr.models import Bundle, apply_augment_masks
+
+    model = Wav2Vec2ForCTC(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, conv_dim=[32] * 7, mask_time_prob=0.0))
+    model.wav2vec2.masked_spec_embed.requires_grad_(False)  # as build_ctc leaves it without time masks
+    bundle = Bundle("ctc", model, ModelConfig())
+    apply_augment_masks(bundle, AugmentConfig(mask_time_prob=0.3, mask_time_length=2, mask_feature_prob=0.2,
+                                              mask_feature_length=4))
+    c = model.config
+    assert (c.mask_time_prob, c.mask_time_length, c.mask_feature_prob, c.mask_feature_length) == (0.3, 2, 0.2, 4)
+    assert c.apply_spec_augment and model.wav2vec2.masked_spec_embed.requires_grad
