@@ -28,7 +28,7 @@ from asr.config import (Config, ConfigError, check_methods, duplicate_source_nam
                         to_toml)
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
                       source_name, write_report)
-from asr.models import Bundle, apply_augment_masks, build, export, infer_family
+from asr.models import Bundle, build, export, infer_family
 from asr.text import clean_transcript, run_vocab
 
 
@@ -296,8 +296,7 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
     # language of an evaluation-only source (e.g. one watched for forgetting).
     training = sorted({s.language for s in cfg.data.sources if s.train})
     languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
-    bundle = build(cfg.model, vocab, languages)
-    apply_augment_masks(bundle, cfg.augment)
+    bundle = build(cfg.model, vocab, languages, cfg.augment)
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
         labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)

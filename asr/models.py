@@ -209,7 +209,7 @@ def _apply_overrides(mconf, cfg: ModelConfig, mapping) -> None:
 SCRATCH_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "wavlm": "WavLMConfig"}
 
 
-def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
+def build_ctc(cfg: ModelConfig, vocab, augment=None) -> Bundle:
     import transformers
     from transformers import AutoConfig, AutoModelForCTC
 
@@ -237,9 +237,12 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
             for k, v in special.items():
                 setattr(mconf, k, v)
             _apply_overrides(mconf, cfg, _CTC_OVERRIDES)
+            for k, v in augment_masks(augment).items():
+                setattr(mconf, k, v)
             model = AutoModelForCTC.from_config(mconf)
         else:
             kwargs = {k: getattr(cfg, k) for k in _CTC_OVERRIDES if getattr(cfg, k) is not None}
+            kwargs.update(augment_masks(augment))
             model = AutoModelForCTC.from_pretrained(cfg.name, dtype=torch.float32, ignore_mismatched_sizes=True,
                                                     **special, **kwargs)
     except (OSError, ValueError) as e:
@@ -264,22 +267,19 @@ AUGMENT_MASKS = ("mask_time_prob", "mask_time_length", "mask_time_min_masks", "m
                  "mask_feature_length", "mask_feature_min_masks")
 
 
-def apply_augment_masks(bundle: Bundle, augment) -> None:
-    """A CTC model's SpecAugment (transformers' masks of the encoder's hidden states, read from its config at
-    each training forward) from the `[augment]` section's mask settings that are set."""
-    conf = bundle.model.config
-    values = {k: getattr(augment, k) for k in AUGMENT_MASKS if getattr(augment, k) is not None}
-    if bundle.family != "ctc" or not values:
-        return
-    for k, v in values.items():
-        setattr(conf, k, v)
-    if conf.mask_time_prob > 0 or conf.mask_feature_prob > 0:
-        conf.apply_spec_augment = True
-    _mask_embed_trainable(bundle.model)
+def augment_masks(augment) -> dict:
+    """A CTC model's config values for the `[augment]` section's mask settings that are set: transformers' own
+    SpecAugment of the encoder's hidden states (set before the model is built, which creates the masked
+    frames' vector only when a mask is on)."""
+    values = {k: getattr(augment, k) for k in AUGMENT_MASKS if augment is not None and getattr(augment, k) is not None}
+    if (values.get("mask_time_prob") or 0) > 0 or (values.get("mask_feature_prob") or 0) > 0:
+        values["apply_spec_augment"] = True
+    return values
 
 
-def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
-    """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`."""
+def build(cfg: ModelConfig, vocab=None, languages: list[str] = (), augment=None) -> Bundle:
+    """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`
+    (with the SpecAugment masks of `augment`, the `[augment]` section, where set)."""
     check_model_name(cfg.name)
     family = infer_family(cfg)
     if family != "whisper" and vocab is None:
@@ -287,7 +287,7 @@ def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
     with quiet_progress_bars():
         if family == "whisper":
             return build_whisper(cfg, list(languages))
-        return build_ctc(cfg, vocab)
+        return build_ctc(cfg, vocab, augment)
 
 
 def encoder_of(bundle: Bundle) -> torch.nn.Module:

@@ -264,17 +264,23 @@ def test_bad_settings_are_one_line(tmp_path, capsys, overrides, message):
 
 
 def test_ctc_masks_from_the_augment_section_reach_the_model_config():
-    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+    """Set before the model is built: transformers creates the masked frames' vector only when a mask is on."""
+    from asr.models import build
 
-    from asr.config import ModelConfig
-    from asr.models import Bundle, apply_augment_masks
-
-    model = Wav2Vec2ForCTC(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                          intermediate_size=64, conv_dim=[32] * 7, mask_time_prob=0.0))
-    model.wav2vec2.masked_spec_embed.requires_grad_(False)  # as build_ctc leaves it without time masks
-    bundle = Bundle("ctc", model, ModelConfig())
-    apply_augment_masks(bundle, AugmentConfig(mask_time_prob=0.3, mask_time_length=2, mask_feature_prob=0.2,
-                                              mask_feature_length=4))
+    cfg = tiny_ctc_config("unused").model
+    cfg.mask_time_prob = None
+    vocab = type("Vocab", (), {"blank": 0, "__len__": lambda self: 10})()
+    model = build(cfg, vocab, augment=AugmentConfig(mask_time_prob=0.0)).model  # no mask: no vector
+    assert getattr(model.wav2vec2, "masked_spec_embed", None) is None
+    model = build(cfg, vocab, augment=AugmentConfig(mask_time_prob=0.3, mask_time_length=2, mask_feature_prob=0.2,
+                                                     mask_feature_length=4)).model
     c = model.config
     assert (c.mask_time_prob, c.mask_time_length, c.mask_feature_prob, c.mask_feature_length) == (0.3, 2, 0.2, 4)
     assert c.apply_spec_augment and model.wav2vec2.masked_spec_embed.requires_grad
+    model.train()
+    x = torch.randn(2, 16000)
+    torch.manual_seed(0)
+    a = model(x).logits
+    model.config.mask_time_prob = model.config.mask_feature_prob = 0.0
+    torch.manual_seed(0)
+    assert not torch.equal(a, model(x).logits)  # the masks change the training forward
