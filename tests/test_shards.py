@@ -353,3 +353,13 @@ def test_command_line(tmp_path, capsys):
         assert main(["--exp", str(exp), "--out", str(tmp_path / "t"), *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"error: {message}"] or (len(err) == 1 and message in err[0]), err
+
+
+def test_augmentation_with_a_shards_source_is_refused(shards, tmp_path):
+    """[augment] waveform augmentation is applied by the listed sources' dataset only: with shards it would be
+    silently off, so the run refuses it with one line."""
+    cfg = shards_config(tmp_path / "run", shards, max_steps=1)
+    cfg.augment.gain_db = [-6.0, 6.0]
+    cfg.preflight.enabled = False
+    with pytest.raises(ConfigError, match=r"a shards source takes no \[augment\] waveform augmentation"):
+        train(cfg, fresh=True)
