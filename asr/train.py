@@ -125,6 +125,9 @@ def train(cfg: Config, fresh: bool = False) -> dict:
                     raise SystemExit(128 + (stop.signal or signal.SIGTERM))
         finally:
             stop.restore()
+            # The loader's workers stop now: left to a later garbage collection (the Run is in a reference
+            # cycle), PyTorch's shutdown waits 5 s for each worker.
+            run.batches = None
             progress.clear()
             log.progress = None
             if run.tb:

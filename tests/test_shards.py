@@ -290,15 +290,15 @@ def test_a_streamed_clip_that_fails_to_decode_is_counted_and_can_stop_the_run(tm
     monkeypatch.setattr(shards_mod, "clip_bytes", one_bad)
     write_shards(tiny_ctc_config(tmp_path / "unused"), "train", tmp_path / "shards", shard_mb=SHARD_MB)
     cfg = shards_config(tmp_path / "run", tmp_path / "shards", max_steps=8)
-    cfg.data.batch_size, cfg.data.shuffle_buffer = 32, 32  # the whole epoch in one batch
+    cfg.data.batch_size, cfg.data.shuffle_buffer = 8, 32  # the whole epoch in 4 batches
     cfg.eval.at_start = False
-    cfg.train.eval_every = 0
-    assert run.main(["--exp", str(write_exp(cfg, tmp_path / "a.toml")), "--set", "train.max_steps=1"]) == 0
+    cfg.eval.max_utterances = 2
+    assert run.main(["--exp", str(write_exp(cfg, tmp_path / "a.toml")), "--set", "train.max_steps=4"]) == 0
     report = read_json(tmp_path / "run" / "data_report.json")["tr/train"]
     assert report["decode_failed"] == 1 and report["examples"]["decode_failed"][0]["id"] == bad_id[0]
     assert report["kept"] == 31 and report["total"] == 32
     capsys.readouterr()
-    assert run.main(["--exp", str(write_exp(cfg, tmp_path / "b.toml")), "--fresh", "--set", "train.max_steps=1",
+    assert run.main(["--exp", str(write_exp(cfg, tmp_path / "b.toml")), "--fresh", "--set", "train.max_steps=4",
                      "--set", "data.max_failed_fraction=0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"1 of 32 training clips failed to decode in epoch 1" in err[0] and bad_id[0] in err[0]
