@@ -1,12 +1,16 @@
 """Sharded corpora (issue 15, part 1): the fixture corpus written as Parquet shards with index.json, a tiny CTC
-model trained from them (loss falls, filters counted while streaming), exact resume from a mid-run checkpoint
-with two loader workers, disjoint shards per rank and worker, one-line errors for a bad index or shard, an
-atomic writer, and pre-flight from index.json alone."""
+model trained from them (loss falls, filters counted while streaming), exact resume with two loader workers
+(from a mid-run checkpoint, and after a SIGKILL), disjoint shards per rank and worker, one-line errors for a
+bad index or shard, an atomic writer, pre-flight from index.json alone."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from asr.shards import INDEX, ShardSource, ShardStream, write_shards
 from asr.train import train
 
 from helpers import one_thread  # noqa: F401 (an autouse fixture: in-process runs on one thread)
-from helpers import FIXTURE, final_params, read_json, scalars, tiny_ctc_config, write_exp
+from helpers import FIXTURE, env, final_params, read_json, scalars, start, tiny_ctc_config, wait_for, write_exp
 
 SHARD_MB = 0.05  # 4 shards of 8 fixture clips
 
@@ -363,3 +367,30 @@ def test_augmentation_with_a_shards_source_is_refused(shards, tmp_path):
     cfg.preflight.enabled = False
     with pytest.raises(ConfigError, match=r"a shards source takes no \[augment\] waveform augmentation"):
         train(cfg, fresh=True)
+
+
+def test_sigkill_mid_training_then_resume_equals_uninterrupted(shards, tmp_path):
+    """run.py killed (SIGKILL) after step 5 of 10 while its two workers stream: the same command resumes from
+    the newest checkpoint and ends with the weights of an uninterrupted run."""
+    def config(out):
+        cfg = resume_config(out, shards)
+        cfg.train.save_every, cfg.train.log_every = 2, 1
+        return cfg
+
+    train(config(tmp_path / "ref"), fresh=True)
+    out = tmp_path / "run"
+    exp = write_exp(config(out), tmp_path / "exp.toml")
+    log = out / "train.log"
+    proc = start([sys.executable, "run.py", "--exp", str(exp)], tmp_path / "logs1")
+    wait_for(lambda: log.is_file() and re.search(r"^\S+ \S+ step 5/", log.read_text(errors="replace"), re.M),
+             proc, what="step 5")
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    steps = [s for s, _ in ckpt.list_checkpoints(out / "checkpoints")]
+    assert steps and steps[-1] < 10, steps
+    again = subprocess.run([sys.executable, "run.py", "--exp", str(exp)], cwd=Path(__file__).parents[1],
+                           capture_output=True, text=True, timeout=180, env=env())
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from {out / 'checkpoints' / f'step-{steps[-1]:06d}'}" in log.read_text()
+    a, b = (final_params(p / "checkpoints" / "step-000010") for p in (tmp_path / "ref", out))
+    assert not [k for k in a if not torch.equal(a[k], b[k])]
