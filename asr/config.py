@@ -142,6 +142,12 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    # Under torchrun: ddp replicates the model on every rank (DistributedDataParallel); fsdp shards parameters,
+    # gradients and optimizer state over the ranks (FSDP2 fully_shard on each encoder/decoder layer and the
+    # root; sharded checkpoints with torch.distributed.checkpoint, resumable at any world size). In one
+    # process (world size 1) fsdp has nothing to shard: the whole model trains there, its checkpoints keep the
+    # sharded format.
+    parallel: str = "ddp"
     loss: str = ""  # a loss of asr.losses.LOSSES for the model's family; "" picks the family's default
     loss_args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     log_every: int = 10
@@ -380,6 +386,7 @@ _CHOICES = {
     "data.sp_model_type": ("unigram", "bpe"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.parallel": ("ddp", "fsdp"),
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }
@@ -420,6 +427,10 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
+    if cfg.train.parallel == "fsdp" and cfg.model.freeze_encoder_steps:
+        raise ConfigError("model.freeze_encoder_steps: not with train.parallel = \"fsdp\" (a sharded checkpoint "
+                          "saved while the encoder is frozen holds no optimizer state for it); freeze it with "
+                          "train.frozen instead, or use ddp")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
@@ -552,6 +563,7 @@ RESUME_FIXED = (
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
+    "train.parallel",  # the checkpoint format: one file per state (ddp) or torch.distributed.checkpoint shards
 )
 
 

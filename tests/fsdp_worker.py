@@ -1,0 +1,22 @@
+"""Run under torchrun by tests/test_fsdp.py: train each experiment file given, one after the other, in one process
+group (one launch for several runs: a launch costs seconds).
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py A.toml B.toml ...
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from asr import distributed as dist  # noqa: E402
+from asr.config import load_config  # noqa: E402
+from asr.train import train  # noqa: E402
+
+if __name__ == "__main__":
+    dist.init_from_env("cpu")
+    try:
+        for exp in sys.argv[1:]:
+            train(load_config(exp))
+    finally:
+        dist.cleanup()
