@@ -140,14 +140,34 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: set
     return {"model": model_state, "optimizer": optim_state}
 
 
-def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, names: set[str] | None) -> None:
+def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                 names: set[str] | None) -> None:
     """Load a torch.distributed.checkpoint folder saved from `sharded_state` at any world size into `model` and
-    `optimizer` (sharded or not); every rank calls it. Exceptions are DCP's (the caller names the checkpoint)."""
+    `optimizer` (None: the model alone), sharded or not; every rank calls it. Exceptions are DCP's (the caller
+    names the checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
+                                                         set_state_dict)
 
+    options = StateDictOptions(strict=names is None)
     with quiet_dcp():
-        state = sharded_state(model, optimizer, names)
+        if optimizer is None:
+            state = {"model": get_model_state_dict(model)}
+            if names is not None:
+                state["model"] = {k: v for k, v in state["model"].items() if k in names}
+        else:
+            state = sharded_state(model, optimizer, names)
         dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(strict=names is None))
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=options)
+
+
+def saved_names(folder: Path) -> list[str]:
+    """The model's parameter names a torch.distributed.checkpoint folder holds (from its metadata alone)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    return [k[len("model."):] for k in keys if k.startswith("model.")]

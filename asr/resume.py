@@ -77,7 +77,8 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
 
 
 def load_sharded_state(path: Path, model, optimizer, saved_names) -> None:
-    """The model and optimizer of a sharded checkpoint (asr.fsdp.load_sharded), on every rank; a checkpoint
+    """The model and optimizer (None: the model alone) of a sharded checkpoint (asr.fsdp.load_sharded), on every
+    rank; a checkpoint
     that does not load is CorruptCheckpoint (renamed aside), a read error of the machine CheckpointError."""
     from asr.fsdp import load_sharded
 

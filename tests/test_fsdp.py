@@ -142,3 +142,15 @@ def test_parallel_setting_is_checked(tmp_path):
         load_config(exp, ["train.parallel=zero"])
     with pytest.raises(ConfigError, match=r"model.freeze_encoder_steps: not with train.parallel = \"fsdp\""):
         load_config(exp, ["train.parallel=fsdp", "model.freeze_encoder_steps=2"])
+
+
+def test_eval_only_reads_a_sharded_checkpoint(runs):
+    """--eval-only of an fsdp run: its newest sharded checkpoint's model (DCP, in one process) scores what the
+    run's own evaluation at that step scored."""
+    import run
+
+    out = runs["ctc", "fsdp"]
+    assert run.main(["--run", str(out), "--eval-only"]) == 0
+    own, again = read_json(out / "eval" / "step-000005.json"), read_json(out / "eval" / "step-000005.dev.greedy.json")
+    assert again["n"] == own["n"] == 8 and again["loss"] == pytest.approx(own["loss"], rel=1e-5)
+    assert again["cer"] == own["cer"]
