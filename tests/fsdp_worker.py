@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_fsdp.py: train each experiment file given, one after the other, in one process
 group (one launch for several runs: a launch costs seconds).
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py A.toml B.toml ...
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py [--device cuda] A.toml B.toml ...
 """
 
 import sys
@@ -14,9 +14,13 @@ from asr.config import load_config  # noqa: E402
 from asr.train import train  # noqa: E402
 
 if __name__ == "__main__":
-    dist.init_from_env("cpu")
+    args = sys.argv[1:]
+    device = "cpu"
+    if args[:1] == ["--device"]:
+        device, args = args[1], args[2:]
+    dist.init_from_env(device)  # gloo on the CPU, NCCL on GPUs
     try:
-        for exp in sys.argv[1:]:
+        for exp in args:
             train(load_config(exp))
     finally:
         dist.cleanup()
