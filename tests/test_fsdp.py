@@ -150,6 +150,7 @@ def test_eval_only_reads_a_sharded_checkpoint(runs):
     import run
 
     out = runs["ctc", "fsdp"]
+    assert ckpt.is_sharded(out / "checkpoints" / "step-000005")  # no model.pt to read
     assert run.main(["--run", str(out), "--eval-only"]) == 0
     own, again = read_json(out / "eval" / "step-000005.json"), read_json(out / "eval" / "step-000005.dev.greedy.json")
     assert again["n"] == own["n"] == 8 and again["loss"] == pytest.approx(own["loss"], rel=1e-5)
