@@ -191,7 +191,7 @@ def save_sharded_checkpoint(folder: Path, step: int, state: dict, trainer_state:
         nonlocal error
         try:
             phase()
-        except Exception as e:
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP's is a BaseException
             error = error or e
         (failed,) = dist.sum_values(float(error is not None))
         if failed:

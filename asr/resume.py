@@ -78,19 +78,24 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
 
 def load_sharded_state(path: Path, model, optimizer, saved_names) -> None:
     """The model and optimizer (None: the model alone) of a sharded checkpoint (asr.fsdp.load_sharded), on every
-    rank; a checkpoint
-    that does not load is CorruptCheckpoint (renamed aside), a read error of the machine CheckpointError."""
+    rank; a checkpoint that does not load is CorruptCheckpoint (renamed aside), a read error of the machine
+    CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     from asr.fsdp import load_sharded
 
     try:
         load_sharded(path / ckpt.SHARDED, model, optimizer, saved_names)
     except (OSError, MemoryError, torch.OutOfMemoryError) as e:
         raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from None
-    except Exception as e:  # DCP's CheckpointException (a shard that does not read), a key or shape mismatch
+    except (Exception, CheckpointException) as e:  # DCP's (a BaseException): a shard that does not read, a key or
+        # shape mismatch
         reason = ckpt.io_error_reason(e) or ckpt.dcp_error_reason(e)
         if reason:
             raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        failures = getattr(e, "failures", None)  # DCP's: {rank: (exception, traceback)}; the first says why
+        e = next(iter(failures.values()))[0] if failures else e
+        lines = [f"{type(e).__name__}: {line}" for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
         raise ckpt.CorruptCheckpoint(path, f"cannot be loaded: {lines[-1].strip()[:200]}") from None
 
 

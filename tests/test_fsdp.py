@@ -155,3 +155,45 @@ def test_eval_only_reads_a_sharded_checkpoint(runs):
     own, again = read_json(out / "eval" / "step-000005.json"), read_json(out / "eval" / "step-000005.dev.greedy.json")
     assert again["n"] == own["n"] == 8 and again["loss"] == pytest.approx(own["loss"], rel=1e-5)
     assert again["cer"] == own["cer"]
+
+
+def test_a_sharded_save_on_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    """A shard write that fails (ENOSPC inside torch.distributed.checkpoint, here in one process) is one
+    CheckpointError naming the checkpoint and the cause; no temporary folder stays, the earlier checkpoint stays."""
+    import errno
+    import os
+
+    import torch.distributed.checkpoint.filesystem as dcp_fs
+
+    from asr import fsdp
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    folder = tmp_path / "checkpoints"
+    ckpt.save_sharded_checkpoint(folder, 1, fsdp.sharded_state(model, optimizer, None), {"step": 1}, "")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp_fs, "_write_item", full)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        ckpt.save_sharded_checkpoint(folder, 2, fsdp.sharded_state(model, optimizer, None), {"step": 2}, "")
+    assert str(e.value) == f"cannot write checkpoint {folder / 'step-000002'}: No space left on device"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001"] and ckpt.verify(folder / "step-000001") is None
+
+
+def test_a_sharded_checkpoint_that_does_not_load_is_corrupt(tmp_path):
+    """A shard cut short in a checkpoint without a manifest (nothing to verify it against): DCP's failure to read
+    it is one CorruptCheckpoint line (the caller renames the checkpoint aside), not DCP's traceback."""
+    from asr import fsdp
+    from asr.resume import load_sharded_state
+
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_sharded_checkpoint(tmp_path, 1, fsdp.sharded_state(model, optimizer, None), {"step": 1}, "")
+    (path / ckpt.MANIFEST).unlink()
+    shard = path / ckpt.SHARDED / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(ckpt.CorruptCheckpoint) as e:
+        load_sharded_state(path, torch.nn.Linear(4, 3), None, None)
+    assert str(e.value).startswith(f"checkpoint {path} is corrupt: cannot be loaded: ") and "\n" not in str(e.value)
