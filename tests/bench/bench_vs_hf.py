@@ -256,7 +256,7 @@ def side_ours(args, work: Path) -> dict:
 
     import asr.experiment as E
 
-    T.prepare, T.evaluate = timed("prepare", T.prepare), timed("evaluate", T.evaluate)
+    T.prepare, T.evaluate_sets = timed("prepare", T.prepare), timed("evaluate", T.evaluate_sets)
     E.build = timed("build", E.build)  # model loading, inside prepare
     import asr.preflight
 
