@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -44,10 +45,15 @@ def run_config(family: str, out: Path, parallel: str):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[tuple[str, str], Path]:
-    """(family, parallel) -> the run folder of a 2-rank run; all four trained by one torchrun launch."""
+    """(family, parallel) -> the run folder of a 2-rank run; all trained by one torchrun launch. ("whisper",
+    "stopped"): the whisper fsdp run stopped by SIGTERM during step 3 (it saves step 3, then exits)."""
     root = tmp_path_factory.mktemp("fsdp")
     folders = {(f, p): root / f"{f}-{p}" for f in MODELS for p in ("ddp", "fsdp")}
     exps = [str(write_exp(run_config(f, out, p), root / f"{f}-{p}.toml")) for (f, p), out in folders.items()]
+    folders["whisper", "stopped"] = root / "whisper-stopped"
+    stopped = run_config("whisper", folders["whisper", "stopped"], "fsdp")
+    stopped.train.save_every = 0  # only the stop saves
+    exps.append(f"{write_exp(stopped, root / 'whisper-stopped.toml')}@{SAVED}")
     logs = root / "logs"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", f"--log-dir={logs}", "--redirects=3", "tests/fsdp_worker.py", *exps]
@@ -110,15 +116,23 @@ def test_a_damaged_shard_fails_verification(runs, tmp_path):
     assert ckpt.verify(step) == "state/.metadata missing" and ckpt.list_checkpoints(tmp_path) == []
 
 
-def test_two_rank_sharded_checkpoint_resumes_in_one_process(runs, tmp_path):
-    """The 2-rank runs' step-3 checkpoints (as a run killed after that save leaves them), resumed in one process:
-    fsdp (nothing to shard, the sharded checkpoint loaded through torch.distributed.checkpoint) and ddp (the
-    plain checkpoint) go on with the same losses and end with the same weights."""
+def test_stopped_two_rank_fsdp_run_resumes_in_one_process(runs, tmp_path):
+    """The 2-rank fsdp run stopped by SIGTERM during step 3 saved that step (sharded) and stopped; resumed in one
+    process (fsdp with nothing to shard, the checkpoint loaded through torch.distributed.checkpoint) it goes on
+    with the losses and ends with the weights of the 2-rank ddp run's step-3 checkpoint resumed in one process:
+    the same weights, optimizer state, sampler position and random state came back."""
+    stopped = runs["whisper", "stopped"]
+    log = (stopped / "train.log").read_text()
+    assert f"stopped by signal {int(signal.SIGTERM)} at step {SAVED}; checkpoint saved" in log
+    assert [s for s, _ in ckpt.list_checkpoints(stopped / "checkpoints")] == [SAVED]
     results = {}
     for parallel in ("ddp", "fsdp"):
         out = tmp_path / parallel
-        shutil.copytree(runs["whisper", parallel] / "checkpoints" / ckpt.step_dir_name(SAVED),
-                        out / "checkpoints" / ckpt.step_dir_name(SAVED))
+        if parallel == "fsdp":
+            shutil.copytree(stopped, out)
+        else:
+            shutil.copytree(runs["whisper", parallel] / "checkpoints" / ckpt.step_dir_name(SAVED),
+                            out / "checkpoints" / ckpt.step_dir_name(SAVED))
         results[parallel] = train(run_config("whisper", out, parallel))
         log = (out / "train.log").read_text()
         assert f"resumed from {out / 'checkpoints' / ckpt.step_dir_name(SAVED)} (step {SAVED})" in log
