@@ -132,12 +132,16 @@ def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, names: set
     """{"model": ..., "optimizer": ...} as torch.distributed.checkpoint saves and loads them (keyed by
     parameter name, each rank's shards; plain tensors in one process); with `names`
     (train.save_trainable_only), only those parameters of the model."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optim_state = get_state_dict(model, optimizer)
+    if optimizer is None or not optimizer.state:  # no step taken yet (fp16's first steps may all be skipped):
+        state = {"model": get_model_state_dict(model)}  # get_state_dict would take a zero step to make some
+    else:
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
     if names is not None:
-        model_state = {k: v for k, v in model_state.items() if k in names}
-    return {"model": model_state, "optimizer": optim_state}
+        state["model"] = {k: v for k, v in state["model"].items() if k in names}
+    return state
 
 
 def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -146,17 +150,20 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
     `optimizer` (None: the model alone), sharded or not; every rank calls it. Exceptions are DCP's (the caller
     names the checkpoint)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, set_model_state_dict,
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                          set_state_dict)
 
     options = StateDictOptions(strict=names is None)
+    if optimizer is not None and not any(k.startswith("optimizer.") for k in _saved_keys(folder)):
+        optimizer = None  # saved before the first step: a fresh optimizer is the right one
     with quiet_dcp():
         if optimizer is None:
-            state = {"model": get_model_state_dict(model)}
+            state = sharded_state(model, None, names)
+        else:  # get_state_dict gives a fresh optimizer state to load into (a zero step at learning rate 0)
+            model_state, optim_state = get_state_dict(model, optimizer)
             if names is not None:
-                state["model"] = {k: v for k, v in state["model"].items() if k in names}
-        else:
-            state = sharded_state(model, optimizer, names)
+                model_state = {k: v for k, v in model_state.items() if k in names}
+            state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, checkpoint_id=str(folder))
     if optimizer is None:
         set_model_state_dict(model, state["model"], options=options)
@@ -165,9 +172,12 @@ def load_sharded(folder: Path, model: nn.Module, optimizer: torch.optim.Optimize
                        options=options)
 
 
-def saved_names(folder: Path) -> list[str]:
-    """The model's parameter names a torch.distributed.checkpoint folder holds (from its metadata alone)."""
+def _saved_keys(folder: Path) -> list[str]:
     from torch.distributed.checkpoint import FileSystemReader
 
-    keys = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
-    return [k[len("model."):] for k in keys if k.startswith("model.")]
+    return list(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def saved_names(folder: Path) -> list[str]:
+    """The model's parameter names a torch.distributed.checkpoint folder holds (from its metadata alone)."""
+    return [k[len("model."):] for k in _saved_keys(folder) if k.startswith("model.")]

@@ -211,3 +211,21 @@ def test_a_sharded_checkpoint_that_does_not_load_is_corrupt(tmp_path):
     with pytest.raises(ckpt.CorruptCheckpoint) as e:
         load_sharded_state(path, torch.nn.Linear(4, 3), None, None)
     assert str(e.value).startswith(f"checkpoint {path} is corrupt: cannot be loaded: ") and "\n" not in str(e.value)
+
+
+def test_a_sharded_save_before_any_step_changes_nothing(tmp_path):
+    """A sharded save while the optimizer has taken no step (fp16's first steps may all be skipped) holds the model
+    alone and leaves the optimizer without state (DCP's get_state_dict would take a zero step to make one, so the
+    run would go on with Adam's step count one ahead); it loads into a fresh optimizer."""
+    from asr import fsdp
+    from asr.resume import load_sharded_state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = ckpt.save_sharded_checkpoint(tmp_path, 1, fsdp.sharded_state(model, optimizer, None), {"step": 1}, "")
+    assert not optimizer.state
+    other = torch.nn.Linear(4, 3)
+    fresh = torch.optim.AdamW(other.parameters())
+    load_sharded_state(path, other, fresh, None)
+    assert torch.equal(other.weight, model.weight) and not fresh.state
