@@ -51,10 +51,11 @@ def test_autocast_trains(tmp_path, precision):
     if precision == "bf16" and DEVICE == "cuda" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     results = train(gpu_config(tmp_path / "run", precision=precision))
-    losses = [v for _, v in results["train_loss"]]
-    assert len(losses) == 12 and all(math.isfinite(v) for v in losses), losses
+    losses = [v for _, v in results["train_loss"]]  # of the applied steps (log_every 1)
+    # fp16: the scaler skips its first steps while it lowers its scale from 65536 to one that does not overflow
+    assert results["skipped_steps"] <= (4 if precision == "fp16" else 0)
+    assert len(losses) == 12 - results["skipped_steps"] and all(math.isfinite(v) for v in losses), losses
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses  # it learns
-    assert results["skipped_steps"] <= 2  # fp16: the scaler may skip its first steps while it finds its scale
     trainer = torch.load(tmp_path / "run" / "checkpoints" / "step-000012" / "trainer.pt", weights_only=False)
     if precision == "fp16":  # the GradScaler ran, and its scale is in the checkpoint
         assert trainer["scaler"] and math.isfinite(trainer["scaler"]["scale"]) and trainer["scaler"]["scale"] > 0
