@@ -243,13 +243,18 @@ def save_sharded_checkpoint(folder: Path, step: int, state: dict, trainer_state:
 
 
 def dcp_error_reason(e: BaseException) -> str | None:
-    """The operating-system reason behind torch.distributed.checkpoint's CheckpointException, which carries each
-    failed rank's exception in `failures` ({rank: (exception, traceback)})."""
-    for failure in (getattr(e, "failures", None) or {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, BaseException) and (reason := io_error_reason(inner)):
+    """Why torch.distributed.checkpoint failed, in one line: its CheckpointException carries each failed rank's
+    exception in `failures` ({rank: (exception, traceback)}); the operating system's reason (disk full) when
+    one has it, else the first one's type and message. None for another exception."""
+    inner = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    inner = [x for x in inner if isinstance(x, BaseException)]
+    for x in inner:
+        if reason := io_error_reason(x):
             return reason
-    return None
+    if not inner:
+        return None
+    lines = str(inner[0]).strip().splitlines()
+    return f"{type(inner[0]).__name__}: {lines[0][:200]}" if lines else type(inner[0]).__name__
 
 
 def load_trainer(path: Path) -> dict:

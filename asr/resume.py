@@ -88,15 +88,15 @@ def load_sharded_state(path: Path, model, optimizer, saved_names) -> None:
         load_sharded(path / ckpt.SHARDED, model, optimizer, saved_names)
     except (OSError, MemoryError, torch.OutOfMemoryError) as e:
         raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from None
-    except (Exception, CheckpointException) as e:  # DCP's (a BaseException): a shard that does not read, a key or
-        # shape mismatch
-        reason = ckpt.io_error_reason(e) or ckpt.dcp_error_reason(e)
-        if reason:
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException: a shard that does not read, a key
+        # or shape mismatch; it carries each failed rank's exception in `failures` ({rank: (exception, traceback)})
+        causes = [f[0] for f in (getattr(e, "failures", None) or {}).values()] or [e]
+        reason = next(filter(None, map(ckpt.io_error_reason, causes)), None)
+        if reason:  # the machine's fault, not the checkpoint's
             raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
-        failures = getattr(e, "failures", None)  # DCP's: {rank: (exception, traceback)}; the first says why
-        e = next(iter(failures.values()))[0] if failures else e
-        lines = [f"{type(e).__name__}: {line}" for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-        raise ckpt.CorruptCheckpoint(path, f"cannot be loaded: {lines[-1].strip()[:200]}") from None
+        lines = [line.strip() for line in str(causes[0]).splitlines() if line.strip()]
+        raise ckpt.CorruptCheckpoint(path, f"cannot be loaded: {type(causes[0]).__name__}"
+                                           + (f": {lines[-1][:200]}" if lines else "")) from None
 
 
 class ResumeError(ConfigError):
