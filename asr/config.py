@@ -93,6 +93,16 @@ class DataConfig:
     report_examples: int = 5  # offending rows kept per reason in data_report.json
     # Training stops when more than this share of an epoch's clips fail to decode (0: any failure stops it).
     max_failed_fraction: float = 0.05
+    # Whisper: the share of training samples whose labels carry timestamp tokens (<|0.00|> text<|3.52|>, the
+    # speech start/end found by asr.timestamps.speech_bounds) instead of <|notimestamps|>; 0: none.
+    timestamp_prob: float = 0.0
+    # Whisper: the share of training samples that pack several clips of the same language into one sample
+    # of at most concat_max_s seconds, with one timestamped segment per clip (asr.timestamps).
+    concat_prob: float = 0.0
+    concat_max_s: float = 30.0
+    # Whisper: the share of training samples conditioned on another clip's text of the same language after
+    # <|startofprev|> (as Whisper conditions on the previous segment's text); the loss skips that prompt.
+    prev_text_prob: float = 0.0
     text: TextConfig = field(default_factory=TextConfig)
 
 
@@ -180,6 +190,9 @@ class EvalSetConfig:
     source: str = ""  # a data source's name
     split: str = "dev"  # train | dev | test: which of the source's split expressions
     name: str = ""  # defaults to "<source>-<split>"
+    # clips: each clip decoded alone; longform (Whisper): the split's clips joined into recordings of
+    # eval.longform_min_s to longform_max_s seconds, decoded with transformers' long-form generate
+    kind: str = "clips"
 
 
 @dataclass
@@ -196,6 +209,12 @@ class EvalConfig:
     examples: int = 4  # reference/hypothesis pairs shown in TensorBoard
     at_start: bool = True  # evaluate at step 0 (the zero-shot / untrained baseline) on a fresh run
     worst: int = 20  # eval/step-N.worst.tsv: the utterances with the highest WER
+    # Long-form sets (eval.sets kind = "longform"): recordings of a duration drawn in [min_s, max_s] (seeded
+    # with run.seed); `longform_recordings` of them (clips reused where the split is too short), or 0: as
+    # many as the split's clips fill without reuse.
+    longform_min_s: float = 60.0
+    longform_max_s: float = 180.0
+    longform_recordings: int = 0
 
 
 @dataclass
@@ -226,6 +245,27 @@ class PreflightConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """On-the-fly augmentation of training clips in the loader workers (asr/augment.py); all off by default,
+    never applied at evaluation. Each clip's draws are seeded by run.seed, the epoch and the clip's index."""
+
+    speed: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]: one factor per clip (resampling)
+    noise_dir: str = ""  # a folder of noise clips (any format soundfile reads, e.g. MUSAN); "" off
+    noise_prob: float = 1.0  # share of clips that get noise (with noise_dir)
+    snr_db: list[float] = field(default_factory=lambda: [10.0, 30.0])  # [low, high]: the SNR, uniformly
+    gain_db: list[float] = field(default_factory=list)  # [low, high], e.g. [-6, 6]; [] off
+    # SpecAugment: on Whisper's log-mel features of each clip (time frames and mel channels set to 0, drawn in
+    # the loader workers); on CTC models transformers' own masks of the encoder's hidden states (these map to
+    # the model config's mask_time_prob, ...). Unset: off for Whisper, the checkpoint's (or model.mask_*) for CTC.
+    mask_time_prob: float | None = None  # about this share of frames masked, in spans of mask_time_length
+    mask_time_length: int | None = None  # default 10
+    mask_time_min_masks: int | None = None  # default 2
+    mask_feature_prob: float | None = None  # the same across mel channels (Whisper) / hidden channels (CTC)
+    mask_feature_length: int | None = None  # default 10
+    mask_feature_min_masks: int | None = None  # default 0
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -235,6 +275,7 @@ class Config:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -417,6 +458,8 @@ def validate(cfg: Config) -> None:
                               f"(sources: {', '.join(names) or 'none'})")
         if es.split not in ("train", "dev", "test"):
             raise ConfigError(f"eval.sets.{i}.split: {es.split!r} is not one of 'train', 'dev', 'test'")
+        if es.kind not in ("clips", "longform"):
+            raise ConfigError(f"eval.sets.{i}.kind: {es.kind!r} is not one of 'clips', 'longform'")
         set_name = eval_set_name(es)
         if set_name in set_names:  # a second set of the same name would silently replace the first
             raise ConfigError(f"eval.sets.{i}.name: {set_name!r} names an earlier evaluation set too")
@@ -431,6 +474,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.freeze_encoder_steps: not with train.parallel = \"fsdp\" (a sharded checkpoint "
                           "saved while the encoder is frozen holds no optimizer state for it); freeze it with "
                           "train.frozen instead, or use ddp")
+    _check_augment(cfg)
+    if cfg.eval.longform_min_s > cfg.eval.longform_max_s:
+        raise ConfigError(f"eval.longform_min_s: {cfg.eval.longform_min_s} is above eval.longform_max_s "
+                          f"({cfg.eval.longform_max_s})")
     if cfg.data.batch_size <= 0 and cfg.data.max_batch_s <= 0:
         raise ConfigError("data.batch_size and data.max_batch_s: at least one must be set")
     if "" in cfg.data.text.replace:
@@ -461,6 +508,10 @@ RANGES = {
     "data.sp_vocab_size": "[4, inf)",
     "data.report_examples": "[0, inf)",
     "data.max_failed_fraction": "[0, 1]",
+    "data.timestamp_prob": "[0, 1]",
+    "data.concat_prob": "[0, 1]",
+    "data.concat_max_s": "(0, 30]",  # Whisper's window
+    "data.prev_text_prob": "[0, 1]",
     "model.hidden_size": "[0, inf)",  # 0 keeps the base config's size
     "model.num_layers": "[0, inf)",
     "model.num_heads": "[0, inf)",
@@ -497,6 +548,9 @@ RANGES = {
     "eval.batch_size": "[1, inf)",
     "eval.examples": "[0, inf)",
     "eval.worst": "[0, inf)",
+    "eval.longform_min_s": "(0, inf)",
+    "eval.longform_max_s": "(0, inf)",
+    "eval.longform_recordings": "[0, inf)",  # 0: as many as the clips fill
     "decode.beam_size": "[1, inf)",
     "decode.max_new_tokens": "[1, inf)",
     "decode.lm_alpha": "[0, inf)",
@@ -508,7 +562,30 @@ RANGES = {
     "preflight.cps_outlier_factor": "(1, inf)",
     "preflight.examples": "[0, inf)",
     "preflight.decode_sample": "[0, inf)",  # 0: off
+    "augment.speed": "[0.5, 2]",
+    "augment.noise_prob": "[0, 1]",
+    "augment.snr_db": "[-30, 100]",
+    "augment.gain_db": "[-60, 60]",
+    "augment.mask_time_prob": "[0, 1]",
+    "augment.mask_time_length": "[1, inf)",
+    "augment.mask_time_min_masks": "[0, inf)",
+    "augment.mask_feature_prob": "[0, 1]",
+    "augment.mask_feature_length": "[1, inf)",
+    "augment.mask_feature_min_masks": "[0, inf)",
 }
+
+
+def _check_augment(cfg: "Config") -> None:
+    a = cfg.augment
+    for key, value, empty_ok in (("snr_db", a.snr_db, False), ("gain_db", a.gain_db, True)):
+        if (value or not empty_ok) and (len(value) != 2 or value[0] > value[1]):
+            raise ConfigError(f"augment.{key}: expected [low, high] with low <= high, got {value!r}")
+    if any(f != 1.0 for f in a.speed) and (cfg.data.timestamp_prob > 0 or cfg.data.concat_prob > 0):
+        raise ConfigError("augment.speed: not supported with data.timestamp_prob or data.concat_prob (the "
+                          "timestamps and packed lengths are those of the unperturbed clips)")
+    for name in ("mask_time_prob", "mask_time_length", "mask_feature_prob", "mask_feature_length"):
+        if getattr(a, name) is not None and getattr(cfg.model, name) is not None:
+            raise ConfigError(f"augment.{name} and model.{name}: both set; set only augment.{name}")
 
 
 def check_methods(cfg: "Config", family: str = "") -> None:
@@ -562,8 +639,12 @@ RESUME_FIXED = (
     "data.sources",  # the training clips, their order and ids
     "data.vocab", "data.sp_model_type", "data.sp_vocab_size", "data.text",  # the labels
     "data.sample_rate", "data.min_duration_s", "data.max_duration_s", "data.max_label_tokens",  # the clips kept
+    "data.timestamp_prob", "data.concat_prob", "data.concat_max_s", "data.prev_text_prob",  # the samples, labels
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
     "train.parallel",  # the checkpoint format: one file per state (ddp) or torch.distributed.checkpoint shards
+    "augment.speed",  # the perturbed durations the batches are formed from
+    "augment.mask_time_prob", "augment.mask_time_length", "augment.mask_time_min_masks",  # CTC: the model's
+    "augment.mask_feature_prob", "augment.mask_feature_length", "augment.mask_feature_min_masks",  # config
 )
 
 
@@ -661,6 +742,11 @@ def eval_set_specs(cfg: "Config") -> list[tuple[str, str, str]]:
     if cfg.eval.sets:
         return [(eval_set_name(es), es.source, es.split) for es in cfg.eval.sets]
     return [(source_name(s), source_name(s), cfg.eval.split) for s in cfg.data.sources if getattr(s, cfg.eval.split)]
+
+
+def eval_set_kind(cfg: "Config", name: str) -> str:
+    """The kind of evaluation set `name`: "clips", or "longform" (recordings joined from its clips)."""
+    return next((es.kind for es in cfg.eval.sets if eval_set_name(es) == name), "clips")
 
 
 def _check_regex(key: str, pattern: str) -> None:

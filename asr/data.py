@@ -40,6 +40,7 @@ class Utterance:
     label_text: str = ""  # the cleaned training transcript
     labels: list[int] = field(default_factory=list)
     controls: str = ""  # control characters taken out of `text` when it was read (asr.text.strip_controls)
+    speeds: list[float] = field(default_factory=list)  # training: augment.speed factors at which it passes the filters
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,6 +323,7 @@ class Labeler:
     max_tokens: int = 0  # labels longer than this are dropped (0: no limit)
     output_frames: Callable[[int], int] | None = None  # CTC: frames for n input samples
     min_samples: int = 0  # shorter clips are dropped as too_short (CTC: the receptive field, see min_input_samples)
+    timestamped: Callable[[str, str], int] | None = None  # Whisper with timestamps: that label's length
 
 
 def min_input_samples(output_frames: Callable[[int], int]) -> int:
@@ -385,13 +387,16 @@ def ctc_min_frames(labels: list[int]) -> int:
 
 
 def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, labeler: Labeler | None,
-                      report: SplitReport, workers: int = 8) -> list[Utterance]:
+                      report: SplitReport, workers: int = 8, speeds: list[float] = ()) -> list[Utterance]:
     """Fill durations, cleaned text and labels; keep the utterances that pass every filter.
 
     Dropped ones are counted in `report` by reason: bad_row, bad_path, missing_file, undecodable,
     empty_text, too_short (below data.min_duration_s or the model's `labeler.min_samples`), too_long,
     labels_too_long, ctc_infeasible. Transcripts the readers took control characters out of are counted
     in `report.controls` (a warning: the clip itself is kept).
+    With speed perturbation (`speeds`, augment.speed), each kept clip's `speeds` are the factors at whose
+    perturbed length it still passes the duration and CTC checks; a clip that passes at none of them is
+    dropped with the reason of the first.
     """
     report.total += len(utts) + len(bad_rows)
     for reason, detail in bad_rows:
@@ -428,29 +433,47 @@ def filter_utterances(utts: list[Utterance], bad_rows: list, cfg: DataConfig, la
         if duration < cfg.min_duration_s:
             report.drop("too_short", dict(detail, duration=round(duration, 3)), cfg.report_examples)
             continue
-        if labeler is not None and round(duration * cfg.sample_rate) < labeler.min_samples:
-            report.drop("too_short", dict(detail, duration=round(duration, 3),
-                                          model_min_s=round(labeler.min_samples / cfg.sample_rate, 4)),
-                        cfg.report_examples)
-            continue
-        if cfg.max_duration_s and duration > cfg.max_duration_s:
-            report.drop("too_long", dict(detail, duration=round(duration, 3)), cfg.report_examples)
-            continue
         if labeler is not None:
             u.labels = labeler.encode(u.label_text, u.language)
-            if labeler.max_tokens and len(u.labels) > labeler.max_tokens:
-                report.drop("labels_too_long", dict(detail, tokens=len(u.labels)), cfg.report_examples)
-                continue
-            if labeler.output_frames is not None:
-                frames = labeler.output_frames(int(round(duration * cfg.sample_rate)))
-                need = ctc_min_frames(u.labels)
-                if frames < need:
-                    report.drop("ctc_infeasible", dict(detail, frames=frames, needed=need), cfg.report_examples)
-                    continue
+        n = int(round(duration * cfg.sample_rate))
+        problem = _length_problem(u, duration, n, cfg, labeler)
+        if problem is None and speeds:
+            from asr.augment import perturbed_samples
+
+            lengths = [perturbed_samples(n, f, cfg.sample_rate) for f in speeds]
+            problems = [_length_problem(u, m / cfg.sample_rate, m, cfg, labeler) for m in lengths]
+            u.speeds = [f for f, p in zip(speeds, problems) if p is None]
+            if not u.speeds:
+                problem = (problems[0][0], dict(problems[0][1], speed=speeds[0]))
+        if problem is not None:
+            report.drop(problem[0], dict(detail, **problem[1]), cfg.report_examples)
+            continue
         kept.append(u)
     report.kept += len(kept)
     report.kept_hours += sum(u.duration for u in kept) / 3600
     return kept
+
+
+def _length_problem(u: Utterance, duration: float, n: int, cfg: DataConfig,
+                    labeler: Labeler | None) -> tuple[str, dict] | None:
+    """(reason, detail) when utterance `u`, `duration` s or n samples long, fails a duration or CTC check."""
+    if duration < cfg.min_duration_s:
+        return "too_short", {"duration": round(duration, 3)}
+    if labeler is not None and n < labeler.min_samples:
+        return "too_short", {"duration": round(duration, 3), "model_min_s": round(labeler.min_samples / cfg.sample_rate, 4)}
+    if cfg.max_duration_s and duration > cfg.max_duration_s:
+        return "too_long", {"duration": round(duration, 3)}
+    if labeler is not None:
+        tokens = len(u.labels)
+        if labeler.timestamped is not None:
+            tokens = max(tokens, labeler.timestamped(u.label_text, u.language))
+        if labeler.max_tokens and tokens > labeler.max_tokens:
+            return "labels_too_long", {"tokens": tokens}
+    if labeler is not None and labeler.output_frames is not None:
+        frames, need = labeler.output_frames(n), ctc_min_frames(u.labels)
+        if frames < need:
+            return "ctc_infeasible", {"frames": frames, "needed": need}
+    return None
 
 
 def write_report(reports: dict[str, SplitReport], path: str | Path) -> None:
@@ -501,30 +524,53 @@ class AudioDataset(torch.utils.data.Dataset):
     """Decodes one utterance per item. Keys are (epoch, position, index) tuples from the
     batch sampler, or plain indices. A clip that fails to decode yields a `dropped` record.
     With `cache`, decoded clips are kept (in each loader worker, or in the main process without
-    workers) and later epochs decode nothing."""
+    workers) and later epochs decode nothing. `samples` (asr.timestamps.TimestampSamples) turns a keyed
+    clip into its training sample (timestamped labels, packed clips); the item then holds its `labels`.
+    With `augment` (an asr.augment.Augmenter; training only), each keyed clip (or sample) is augmented with
+    the draws of its (epoch, index)."""
 
-    def __init__(self, utts: list[Utterance], sample_rate: int = 16000, cache: bool = False):
+    def __init__(self, utts: list[Utterance], sample_rate: int = 16000, cache: bool = False, samples=None,
+                 augment=None):
         self.utts = utts
         self.sample_rate = sample_rate
         self.cache: dict[int, torch.Tensor] | None = {} if cache else None
+        self.samples = samples
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.utts)
+
+    def load(self, i: int) -> torch.Tensor:
+        audio = self.cache.get(i) if self.cache is not None else None
+        if audio is None:
+            audio = load_utterance_audio(self.utts[i], self.sample_rate)
+            if self.cache is not None:
+                self.cache[i] = audio
+        return audio
 
     def __getitem__(self, key):
         epoch, pos, i = key if isinstance(key, tuple) else (None, None, key)
         utt = self.utts[i]
         state = None if epoch is None else {"epoch": epoch, "position": pos + 1}
-        audio = self.cache.get(i) if self.cache is not None else None
-        if audio is None:
+        try:
+            audio = self.load(i)
+        except Exception as e:
+            return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
+                    "state": state}
+        item = {"utt": utt, "audio": audio, "error": None, "state": state}
+        if self.samples is not None and epoch is not None:
+            from asr.timestamps import ClipFailed
+
             try:
-                audio = load_utterance_audio(utt, self.sample_rate)
-            except Exception as e:
-                return {"utt": utt, "audio": None, "error": str(e).splitlines()[0] if str(e) else type(e).__name__,
-                        "state": state}
-            if self.cache is not None:
-                self.cache[i] = audio
-        return {"utt": utt, "audio": audio, "error": None, "state": state}
+                sample = self.samples(epoch, pos, i, audio, self.load)
+            except ClipFailed as e:  # a clip packed with this one: it is the one that failed
+                return {"utt": e.utt, "audio": None, "error": str(e), "state": state}
+            if sample is not None:
+                item = {"utt": utt, "audio": sample[0], "labels": sample[1], "prompt_length": sample[2],
+                        "error": None, "state": state}
+        if self.augment is not None and epoch is not None:
+            item.update(self.augment(item["audio"], utt.speeds, epoch, i))
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -532,27 +578,41 @@ def collate(items: list[dict]) -> dict:
 
     audio (B, N) float32 zero-padded, audio_lengths (B,), labels (B, L) padded with -100,
     label_lengths (B,); ids/texts/languages as lists; `dropped` lists (id, error) of clips
-    that failed to decode; `sampler_state` is where the sampler resumes after this batch.
+    that failed to decode; `sampler_state` is where the sampler resumes after this batch. An item's own
+    `labels` (a timestamped or packed sample) replace its utterance's; prompt_lengths (B,) counts their
+    leading previous-text tokens (0 without). Items with SpecAugment masks (asr.augment) add time_mask (B, T)
+    (False-padded) and freq_mask (B, n_mels).
     """
     state = items[-1]["state"] if items else None
     dropped = [(it["utt"].id, it["error"]) for it in items if it["audio"] is None]
     items = [it for it in items if it["audio"] is not None]
+    item_labels = [it.get("labels", it["utt"].labels) for it in items]
     B = len(items)
     n_max = max((it["audio"].shape[0] for it in items), default=0)
-    l_max = max((len(it["utt"].labels) for it in items), default=0)
+    l_max = max((len(ids) for ids in item_labels), default=0)
     audio = torch.zeros(B, n_max)
     labels = torch.full((B, l_max), -100, dtype=torch.long)
     for b, it in enumerate(items):
         audio[b, : it["audio"].shape[0]] = it["audio"]
-        labels[b, : len(it["utt"].labels)] = torch.tensor(it["utt"].labels, dtype=torch.long)
+        labels[b, : len(item_labels[b])] = torch.tensor(item_labels[b], dtype=torch.long)
+    masks = {}
+    if items and "time_mask" in items[0]:
+        t_max = max(it["time_mask"].shape[0] for it in items)
+        masks["time_mask"] = torch.zeros(B, t_max, dtype=torch.bool)  # (B, T)
+        for b, it in enumerate(items):
+            masks["time_mask"][b, : it["time_mask"].shape[0]] = it["time_mask"]
+        masks["freq_mask"] = torch.stack([it["freq_mask"] for it in items])  # (B, n_mels)
     return {
+        **masks,
         "ids": [it["utt"].id for it in items],
         "texts": [it["utt"].text for it in items],
         "languages": [it["utt"].language for it in items],
         "audio": audio,  # (B, N)
         "audio_lengths": torch.tensor([it["audio"].shape[0] for it in items], dtype=torch.long),  # (B,)
         "labels": labels,  # (B, L)
-        "label_lengths": torch.tensor([len(it["utt"].labels) for it in items], dtype=torch.long),  # (B,)
+        "label_lengths": torch.tensor([len(ids) for ids in item_labels], dtype=torch.long),  # (B,)
+        # Whisper: leading label tokens that are a previous-text prompt, not targets (B,)
+        "prompt_lengths": torch.tensor([it.get("prompt_length", 0) for it in items], dtype=torch.long),
         "dropped": dropped,
         "sampler_state": state,
     }
@@ -603,12 +663,12 @@ class DurationBatchSampler:
     ceil(n / ranks) of the global batch's n clips, so its padded seconds can exceed max_batch_s by
     at most one clip when n is not a multiple of the rank count.
     Resume with `load_state_dict({"epoch": e, "position": p})`: the next batch is global batch p
-    of epoch e.
+    of epoch e. `durations_at(epoch)`, when given, gives each epoch's durations (speed perturbation).
     """
 
     def __init__(self, durations: list[float], batch_size: int = 0, max_batch_s: float = 0.0, seed: int = 0,
                  shuffle: bool = True, num_replicas: int = 1, rank: int = 0, noise: float = 0.05,
-                 by_duration: bool = True):
+                 by_duration: bool = True, durations_at: Callable[[int], list[float]] | None = None):
         if not durations:
             raise DataError("no utterances left to batch (see data_report.json)")
         self.durations = durations
@@ -618,23 +678,34 @@ class DurationBatchSampler:
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch, self.position = 0, 0
         self._cache: tuple[int, list] | None = None
+        self.durations_at = durations_at
+        self._durations = (-1, durations)  # (epoch, its durations)
+
+    def durations_of(self, epoch: int) -> list[float]:
+        """The clips' durations in `epoch` (perturbed by its speed factors with `durations_at`)."""
+        if self.durations_at is None:
+            return self.durations
+        if self._durations[0] != epoch:
+            self._durations = (epoch, self.durations_at(epoch))
+        return self._durations[1]
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The global batches of `epoch`, in order."""
         if self._cache is not None and self._cache[0] == epoch:
             return self._cache[1]
+        durations = self.durations_of(epoch)
         rng = random.Random(self.seed * 100003 + epoch)
         order = list(range(len(self.durations)))
         if self.shuffle:
             rng.shuffle(order)
             if self.by_duration:  # else: random batches (the caps still apply)
-                keys = {i: self.durations[i] * (1.0 + self.noise * (2 * rng.random() - 1)) for i in order}
+                keys = {i: durations[i] * (1.0 + self.noise * (2 * rng.random() - 1)) for i in order}
                 order.sort(key=keys.__getitem__)
         elif self.by_duration:
-            order.sort(key=lambda i: self.durations[i])
+            order.sort(key=lambda i: durations[i])
         batches, current, longest = [], [], 0.0
         for i in order:
-            d = self.durations[i]
+            d = durations[i]
             n, m = len(current) + 1, max(longest, d)
             full = (self.batch_size and n > self.batch_size) or (self.max_batch_s and n * m > self.max_batch_s)
             if current and full:
@@ -652,11 +723,13 @@ class DurationBatchSampler:
         self._cache = (epoch, batches)
         return batches
 
-    def shard(self, batch: list[int], rank: int | None = None) -> list[int]:
-        """A rank's part of a global batch (sorted by duration, dealt round-robin); this rank's by default."""
+    def shard(self, batch: list[int], rank: int | None = None, epoch: int = 0) -> list[int]:
+        """A rank's part of a global batch of `epoch` (sorted by duration, dealt round-robin); this rank's by
+        default."""
         if self.num_replicas == 1:
             return batch
-        ordered = sorted(batch, key=lambda i: self.durations[i])
+        durations = self.durations_of(epoch)
+        ordered = sorted(batch, key=lambda i: durations[i])
         return ordered[self.rank if rank is None else rank :: self.num_replicas]
 
     def __iter__(self):
@@ -664,7 +737,7 @@ class DurationBatchSampler:
         while True:
             batches = self.batches(epoch)
             for p in range(position, len(batches)):
-                yield [(epoch, p, i) for i in self.shard(batches[p])]
+                yield [(epoch, p, i) for i in self.shard(batches[p], epoch=epoch)]
             epoch, position = epoch + 1, 0
 
     def state_dict(self) -> dict:
@@ -678,10 +751,11 @@ class DurationBatchSampler:
     def padding_fraction(self, epoch: int = 0) -> float:
         """Share of padded (wasted) samples over an epoch's batches."""
         real = padded = 0.0
+        durations = self.durations_of(epoch)
         for b in self.batches(epoch):
-            for part in (self.shard(b, r) for r in range(self.num_replicas)):
+            for part in (self.shard(b, r, epoch) for r in range(self.num_replicas)):
                 if part:
-                    real += sum(self.durations[i] for i in part)
-                    padded += len(part) * max(self.durations[i] for i in part)
+                    real += sum(durations[i] for i in part)
+                    padded += len(part) * max(durations[i] for i in part)
         return 1.0 - real / padded if padded else 0.0
 

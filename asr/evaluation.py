@@ -24,7 +24,7 @@ import torch
 
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, ConfigError, eval_set_specs
+from asr.config import Config, ConfigError, eval_set_kind, eval_set_specs
 from asr.data import AudioDataset, Utterance, collate, load_utterance_audio
 from asr.decode import ctc_decode, decode_tag, whisper_generate
 from asr.experiment import (EXPORT_INFO, Board, TrainingError, autocast_for, pick_precision, prepare,
@@ -179,6 +179,8 @@ def evaluate_and_write(run, name: str, utts: list[Utterance], stem: str, info: d
     `baseline` ({set: WER at step 0}, filled at step 0), the metrics hold wer_change_since_step0."""
     cfg = run.cfg
     failures: list = []
+    if eval_set_kind(cfg, name) == "longform":
+        return longform_and_write(run, name, utts, stem, info, tb_prefix, write_report, failures)
     metrics, rows = evaluate(run.bundle, utts, cfg, run.device, run.loss_fn, run.autocast, failures)
     record_decode_failures(run.data, info["data"], {u.id: u for u in utts}, failures, cfg, run.out, run.log,
                            write_report)
@@ -197,6 +199,34 @@ def evaluate_and_write(run, name: str, utts: list[Utterance], stem: str, info: d
             error = e
         if run.tb is not None:
             log_to_tensorboard(run.tb, f"{tb_prefix}/{name}", metrics, rows, worst, utts, cfg, info["step"])
+    agree(error)
+    return metrics
+
+
+def longform_and_write(run, name: str, utts: list[Utterance], stem: str, info: dict, tb_prefix: str,
+                       write_report: bool, failures: list) -> dict:
+    """`evaluate_and_write` for a long-form set (asr.longform): eval/<stem>.json and .tsv (one row per
+    recording), TensorBoard scalars and examples."""
+    from asr.longform import TSV_COLUMNS, evaluate_longform
+
+    cfg = run.cfg
+    metrics, table = evaluate_longform(run.bundle, utts, cfg, run.device, name, run.autocast, failures)
+    record_decode_failures(run.data, info["data"], {u.id: u for u in utts}, failures, cfg, run.out, run.log,
+                           write_report)
+    metrics = {**metrics, **info, "kind": "longform", "max_utterances": cfg.eval.max_utterances}
+    error = None
+    if dist.is_main():
+        try:
+            ckpt.write_files({run.out / "eval" / f"{stem}.json": ckpt.json_text(metrics),
+                              run.out / "eval" / f"{stem}.tsv": _tsv(TSV_COLUMNS, table)})
+        except ckpt.CheckpointError as e:
+            error = e
+        if run.tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    run.tb.add_scalar(f"{tb_prefix}/{name}/{key}", value, info["step"])
+            run.tb.add_text(f"{tb_prefix}/{name}/examples", "\n\n".join(
+                f"**ref:** {r[-2]}  \n**hyp:** {r[-1]}" for r in table[: cfg.eval.examples]), info["step"])
     agree(error)
     return metrics
 
@@ -239,8 +269,17 @@ def evaluate_sets(run, step: int) -> dict:
         change = metrics.get("wer_change_since_step0")
         change = f" change since step 0 {change:+.2f}" if step and change is not None else ""
         run.log(f"eval {name} step {step}: wer {num(metrics['wer'])} cer {num(metrics['cer'])} "
-                f"wer_ortho {num(metrics['wer_ortho'])} loss {num(metrics['loss'], '.4f')} (n={metrics['n']}){change}")
+                f"wer_ortho {num(metrics['wer_ortho'])} loss {num(metrics['loss'], '.4f')} (n={metrics['n']}){change}"
+                + longform_note(metrics))
     return results
+
+
+def longform_note(metrics: dict) -> str:
+    """The long-form scores of a log line ("" for a set of clips)."""
+    if metrics.get("kind") != "longform":
+        return ""
+    return (f" valid_timestamps {num(metrics['valid_timestamps'], '.3f')} of {metrics['windows']} windows, "
+            f"boundary_error_s {num(metrics['boundary_error_s'], '.2f')}")
 
 
 def check_scored(results: dict, what: str) -> None:
@@ -363,7 +402,8 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
             log(f"eval {name} ({split}, {tag}) step {step}: wer {num(metrics['wer'])}"
                 + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
                 + f" cer {num(metrics['cer'])} wer_ortho {num(metrics['wer_ortho'])} "
-                  f"cer_ortho {num(metrics['cer_ortho'])} (n={metrics['n']}, failed {metrics['failed']})")
+                  f"cer_ortho {num(metrics['cer_ortho'])} (n={metrics['n']}, failed {metrics['failed']})"
+                + longform_note(metrics))
         if tb is not None:
             tb.close()
         check_scored(results, "--eval-only")

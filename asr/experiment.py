@@ -23,7 +23,9 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
-from asr.config import Config, ConfigError, check_methods, duplicate_source_names, eval_set_specs, to_toml
+from asr.augment import noise_files, speed_on
+from asr.config import (Config, ConfigError, check_methods, duplicate_source_names, eval_set_name, eval_set_specs,
+                        to_toml)
 from asr.data import (DataError, SplitReport, Utterance, filter_utterances, format_report, read_source_split,
                       source_name, write_report)
 from asr.models import Bundle, build, export, infer_family
@@ -294,14 +296,21 @@ def prepare(cfg: Config, out_dir: Path, log: Log, report: bool = True) -> tuple[
     # language of an evaluation-only source (e.g. one watched for forgetting).
     training = sorted({s.language for s in cfg.data.sources if s.train})
     languages = training + sorted({s.language for s in cfg.data.sources} - set(training))
-    bundle = build(cfg.model, vocab, languages)
+    bundle = build(cfg.model, vocab, languages, cfg.augment)
     labeler = bundle.labeler
     if labeler.max_tokens and cfg.data.max_label_tokens > 0:
         labeler.max_tokens = min(labeler.max_tokens, cfg.data.max_label_tokens)
+    if bundle.family == "whisper" and (cfg.data.timestamp_prob > 0 or cfg.data.concat_prob > 0):
+        from asr.timestamps import timestamped_length
+
+        labeler.timestamped = lambda text, lang: timestamped_length(bundle.tokenizer,
+                                                                    bundle.prefix_tokens(lang, True), text)
     kept, reports = {}, {}
     for (name, split), utts in raw.items():
         reports[f"{name}/{split}"] = SplitReport()
-        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"])
+        speeds = cfg.augment.speed if split == "train" and speed_on(cfg.augment) else ()  # the perturbed lengths
+        kept[name, split] = filter_utterances(utts, bad[name, split], cfg.data, labeler, reports[f"{name}/{split}"],
+                                              speeds=speeds)
     train = [u for (name, split), utts in kept.items() if split == "train" for u in utts]
     limit = cfg.eval.max_utterances or None
     eval_sets = {set_name: kept[src, split][:limit] for set_name, src, split in eval_set_specs(cfg)}
@@ -328,11 +337,26 @@ def record_decode_failures(data: Data, key: str, by_id: dict, failures: list, cf
         write_report(data.reports, out / "data_report.json")
 
 
+def check_whisper_only(cfg: Config, family: str) -> None:
+    """Timestamp, packing and prompt labels and long-form sets on a CTC model: ConfigError naming the key."""
+    if family == "whisper":
+        return
+    on = [k for k in ("timestamp_prob", "concat_prob", "prev_text_prob") if getattr(cfg.data, k) > 0]
+    if on:
+        raise ConfigError(f"data.{on[0]}: Whisper's timestamp and prompt labels are not for CTC models; set it to 0")
+    for i, es in enumerate(cfg.eval.sets):
+        if es.kind == "longform":
+            raise ConfigError(f"eval.sets.{i}.kind: long-form sets ('{eval_set_name(es)}') need a Whisper model "
+                              f"(transformers' long-form generate)")
+
+
 def check_decoding(cfg: Config) -> None:
     """Before any work: the loss and the decoder exist for the model's family and take the arguments given
     (ConfigError: exit status 2), and the decoding LM (decode.lm) reads, so a missing or malformed file is
     one line at start-up rather than a traceback at the first evaluation."""
-    check_methods(cfg, infer_family(cfg.model))
+    family = infer_family(cfg.model)
+    check_methods(cfg, family)
+    check_whisper_only(cfg, family)
     if not cfg.decode.lm:
         return
     from asr.decode import load_lm
@@ -372,6 +396,8 @@ def start_run(cfg: Config, fresh: bool = False, training: bool = True) -> tuple[
     (an evaluation-only run writes neither: the folder's config.toml stays the training run's)."""
     device = pick_device(cfg.run.device)
     check_decoding(cfg)
+    if training and cfg.augment.noise_dir:
+        noise_files(cfg.augment.noise_dir)  # a missing or empty folder: one line (ConfigError) before any work
     out = Path(cfg.run.out_dir)
     lock_run_dir(out)  # before anything in it is removed or written
     if fresh and training and dist.is_main() and out.exists():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from asr.audio import WHISPER_SAMPLE_RATE, log_mel, lengths_to_mask, normalize_waveform
+from asr.augment import apply_spec_masks
 from asr.config import ModelConfig
 from asr.data import WHISPER_MIN_S, Labeler, min_input_samples
 
@@ -59,15 +60,16 @@ class Bundle:
         code = self.cfg.language_map.get(language, language)
         return whisper_code(code, language) if code else None
 
-    def prefix_tokens(self, language: str) -> list[int]:
-        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|>"""
+    def prefix_tokens(self, language: str, timestamps: bool = False) -> list[int]:
+        """<|startoftranscript|> [<|lang|>] <|task|> <|notimestamps|> (without it for `timestamps`)"""
         tok = self.tokenizer
         ids = [tok.convert_tokens_to_ids("<|startoftranscript|>")]
         code = self.whisper_language(language)
         if code is not None:
             ids.append(tok.convert_tokens_to_ids(f"<|{code}|>"))
         ids.append(tok.convert_tokens_to_ids(f"<|{self.cfg.task}|>"))
-        ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
+        if not timestamps:
+            ids.append(tok.convert_tokens_to_ids("<|notimestamps|>"))
         return ids
 
     def encode_whisper(self, text: str, language: str) -> list[int]:
@@ -207,7 +209,7 @@ def _apply_overrides(mconf, cfg: ModelConfig, mapping) -> None:
 SCRATCH_CONFIGS = {"wav2vec2": "Wav2Vec2Config", "hubert": "HubertConfig", "wavlm": "WavLMConfig"}
 
 
-def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
+def build_ctc(cfg: ModelConfig, vocab, augment=None) -> Bundle:
     import transformers
     from transformers import AutoConfig, AutoModelForCTC
 
@@ -235,27 +237,49 @@ def build_ctc(cfg: ModelConfig, vocab) -> Bundle:
             for k, v in special.items():
                 setattr(mconf, k, v)
             _apply_overrides(mconf, cfg, _CTC_OVERRIDES)
+            for k, v in augment_masks(augment).items():
+                setattr(mconf, k, v)
             model = AutoModelForCTC.from_config(mconf)
         else:
             kwargs = {k: getattr(cfg, k) for k in _CTC_OVERRIDES if getattr(cfg, k) is not None}
+            kwargs.update(augment_masks(augment))
             model = AutoModelForCTC.from_pretrained(cfg.name, dtype=torch.float32, ignore_mismatched_sizes=True,
                                                     **special, **kwargs)
     except (OSError, ValueError) as e:
         raise ModelError(f"model.name: cannot load CTC model '{cfg.name}': {_first_line(e)}") from None
     if cfg.freeze_feature_encoder:
         model.freeze_feature_encoder()
-    # The vector that replaces time-masked frames: without time masking (feature masking alone makes the
-    # model create it) it is never used, and DistributedDataParallel stops on a parameter without gradient.
-    embed = getattr(model.base_model, "masked_spec_embed", None)
-    if embed is not None and not (getattr(model.config, "apply_spec_augment", True) and model.config.mask_time_prob > 0):
-        embed.requires_grad_(False)
+    _mask_embed_trainable(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Bundle("ctc", model, cfg, vocab=vocab)
 
 
-def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
-    """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`."""
+def _mask_embed_trainable(model) -> None:
+    # The vector that replaces time-masked frames: without time masking (feature masking alone makes the
+    # model create it) it is never used, and DistributedDataParallel stops on a parameter without gradient.
+    embed = getattr(model.base_model, "masked_spec_embed", None)
+    if embed is not None:
+        embed.requires_grad_(bool(getattr(model.config, "apply_spec_augment", True) and model.config.mask_time_prob > 0))
+
+
+AUGMENT_MASKS = ("mask_time_prob", "mask_time_length", "mask_time_min_masks", "mask_feature_prob",
+                 "mask_feature_length", "mask_feature_min_masks")
+
+
+def augment_masks(augment) -> dict:
+    """A CTC model's config values for the `[augment]` section's mask settings that are set: transformers' own
+    SpecAugment of the encoder's hidden states (set before the model is built, which creates the masked
+    frames' vector only when a mask is on)."""
+    values = {k: getattr(augment, k) for k in AUGMENT_MASKS if augment is not None and getattr(augment, k) is not None}
+    if (values.get("mask_time_prob") or 0) > 0 or (values.get("mask_feature_prob") or 0) > 0:
+        values["apply_spec_augment"] = True
+    return values
+
+
+def build(cfg: ModelConfig, vocab=None, languages: list[str] = (), augment=None) -> Bundle:
+    """The model named by `cfg`: Whisper (labels for `languages`) or a CTC encoder with a head for `vocab`
+    (with the SpecAugment masks of `augment`, the `[augment]` section, where set)."""
     check_model_name(cfg.name)
     family = infer_family(cfg)
     if family != "whisper" and vocab is None:
@@ -263,7 +287,7 @@ def build(cfg: ModelConfig, vocab=None, languages: list[str] = ()) -> Bundle:
     with quiet_progress_bars():
         if family == "whisper":
             return build_whisper(cfg, list(languages))
-        return build_ctc(cfg, vocab)
+        return build_ctc(cfg, vocab, augment)
 
 
 def encoder_of(bundle: Bundle) -> torch.nn.Module:
@@ -406,6 +430,8 @@ def model_inputs(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     lengths = batch["audio_lengths"].to(device)  # (B,)
     if bundle.family == "whisper":
         features = log_mel(audio, bundle.model.config.num_mel_bins)  # (B, n_mels, 3000)
+        if "time_mask" in batch:  # a training batch with SpecAugment (asr.augment)
+            features = apply_spec_masks(features, batch["time_mask"], batch["freq_mask"])
         labels = batch["labels"].to(device)  # (B, L) full sequences, -100 padded
         decoder_input_ids = labels[:, :-1].clone()
         decoder_input_ids[decoder_input_ids == -100] = bundle.tokenizer.eos_token_id
@@ -421,7 +447,12 @@ def loss_batch(bundle: Bundle, batch: dict, device: torch.device) -> dict:
     """What a loss function reads besides the outputs: targets and lengths on `device`."""
     labels = batch["labels"].to(device)
     if bundle.family == "whisper":
-        return {"labels": labels[:, 1:]}  # (B, L-1) next-token targets
+        targets = labels[:, 1:]  # (B, L-1) next-token targets
+        prompt = batch.get("prompt_lengths")
+        if prompt is not None and bool((prompt > 0).any()):  # a <|startofprev|> prompt: context, not targets
+            skip = torch.arange(targets.shape[1], device=device)[None, :] < prompt.to(device)[:, None]  # (B, L-1)
+            targets = targets.masked_fill(skip, -100)
+        return {"labels": targets}
     out_lengths = ctc_output_lengths(bundle.model, batch["audio_lengths"]).to(device)
     return {"labels": labels, "label_lengths": batch["label_lengths"].to(device), "out_lengths": out_lengths,
             "blank": bundle.vocab.blank}

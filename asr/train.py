@@ -21,6 +21,8 @@ from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
 from asr import fsdp
+from asr.augment import Augmenter, apply_spec_masks, perturbed_samples, speed_factor, speed_on
+from asr.augment import enabled as augment_enabled
 from asr.config import Config, to_toml
 from asr.data import AudioDataset, DataError, DurationBatchSampler, collate
 from asr.evaluation import check_scored, evaluate_sets
@@ -212,9 +214,12 @@ def setup(cfg: Config, fresh: bool) -> Run:
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     by_duration = cfg.data.batching == "duration" or (cfg.data.batching == "auto" and bundle.family == "ctc")
+    augmenter = make_augmenter(cfg, bundle)
     sampler = DurationBatchSampler([u.duration for u in data.train], cfg.data.batch_size, cfg.data.max_batch_s,
                                    seed=cfg.run.seed, num_replicas=dist.world_size(), rank=dist.rank(),
-                                   by_duration=by_duration)
+                                   by_duration=by_duration, durations_at=perturbed_durations(cfg, data.train))
+    dataset = AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio,
+                           samples=timestamp_samples(cfg, bundle, data.train), augment=augmenter)
     tb = None
     if dist.is_main():
         tb = Board(out / "tb", log)
@@ -251,8 +256,10 @@ def setup(cfg: Config, fresh: bool) -> Run:
     forward = model if skeleton is not None else wrap(model, device)
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
+    if tb and augmenter and state.step == 0:
+        show_augmented(tb, dataset, sampler, augmenter.n_mels, cfg.data.sample_rate)
     batches = iter(torch.utils.data.DataLoader(
-        AudioDataset(data.train, cfg.data.sample_rate, cache=cfg.data.cache_audio), batch_sampler=sampler,
+        dataset, batch_sampler=sampler,
         collate_fn=collate, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         worker_init_fn=dist.loader_worker_init,  # stop signals are for the main process: it saves, then stops
         generator=torch.Generator().manual_seed(cfg.run.seed),  # workers must not draw on the global RNG
@@ -265,6 +272,59 @@ def setup(cfg: Config, fresh: bool) -> Run:
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data.train)} utterances, device {device}, precision {precision}, world size {dist.world_size()}")
     return run
+
+
+def make_augmenter(cfg: Config, bundle: Bundle) -> Augmenter | None:
+    """The training clips' augmentation (`[augment]`), or None when it is all off. Whisper's SpecAugment is
+    drawn with the clips (mask widths default to the model config's); a CTC model masks inside its forward."""
+    n_mels = bundle.model.config.num_mel_bins if bundle.family == "whisper" else 0
+    conf = bundle.model.config
+    defaults = {k: getattr(conf, k, 0) for k in ("mask_time_length", "mask_time_min_masks", "mask_feature_length",
+                                                  "mask_feature_min_masks")}
+    augmenter = Augmenter(cfg.augment, cfg.run.seed, cfg.data.sample_rate, n_mels, defaults)
+    return augmenter if augment_enabled(cfg.augment) or augmenter.spec else None
+
+
+def perturbed_durations(cfg: Config, utts: list):
+    """With speed perturbation, the sampler's durations of each epoch: each clip's at its drawn factor."""
+    if not speed_on(cfg.augment):
+        return None
+    seed, sr = cfg.run.seed, cfg.data.sample_rate
+    return lambda epoch: [perturbed_samples(round(u.duration * sr), speed_factor(u.speeds, seed, epoch, i), sr) / sr
+                          for i, u in enumerate(utts)]
+
+
+def show_augmented(tb, dataset: AudioDataset, sampler, n_mels: int, sample_rate: int, n: int = 3):
+    """TensorBoard at step 0: the first training batch's first `n` clips as the model gets them (audio, and
+    their log-mel with Whisper's masks as images), so the augmentation can be heard and seen."""
+    from asr.audio import log_mel
+
+    for k, key in enumerate(next(iter(sampler))[:n]):
+        item = dataset[key]
+        if item["audio"] is None:
+            continue
+        audio = item["audio"]  # (N,)
+        tb.add_audio(f"augment/{k}/audio", audio.clamp(-1, 1)[None], 0, sample_rate=sample_rate)
+        frames = min(3000, audio.shape[0] // 160 + 1)
+        mel = log_mel(audio[None], n_mels or 80)  # (1, n_mels, 3000)
+        if "time_mask" in item:
+            mel = apply_spec_masks(mel, item["time_mask"][None], item["freq_mask"][None])
+        mel = mel[0, :, :frames].flip(0)  # (n_mels, T), low frequencies at the bottom
+        image = (mel - mel.min()) / (mel.max() - mel.min()).clamp(min=1e-6)
+        tb.add_image(f"augment/{k}/log_mel", image[None], 0)
+        tb.add_text(f"augment/{k}/clip", f"{item['utt'].id}: {item['utt'].text}", 0)
+
+
+def timestamp_samples(cfg: Config, bundle: Bundle, utts: list):
+    """The builder of timestamped, packed and prompted Whisper samples (data.timestamp_prob, concat_prob,
+    prev_text_prob), or None."""
+    if bundle.family != "whisper" or max(cfg.data.timestamp_prob, cfg.data.concat_prob, cfg.data.prev_text_prob) <= 0:
+        return None
+    from asr.timestamps import TimestampSamples
+
+    limit = min(bundle.model.config.max_target_positions, cfg.data.max_label_tokens or 1 << 30)
+    prefixes = {lang: bundle.prefix_tokens(lang, timestamps=True) for lang in {u.language for u in utts}}
+    return TimestampSamples(utts, bundle.tokenizer, prefixes, cfg.data, cfg.run.seed, limit)
 
 
 def wrap(model: torch.nn.Module, device: torch.device):
