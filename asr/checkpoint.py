@@ -9,6 +9,10 @@ one found on restart, old ones pruned. A checkpoint folder `step-000123/` holds:
                   already computes of every record as it writes it (the .pt files), or a blake2b digest
                   computed as the file is written (config.toml; a .pt file when torch's CRC-32 is off)
 
+A sharded checkpoint (train.parallel = "fsdp") holds `state/` (torch.distributed.checkpoint: `.metadata` and
+each rank's `__R_0.distcp`, the model and optimizer together) instead of model.pt and optimizer.pt; its manifest
+lists every file of `state/` with its blake2b digest (DCP keeps no checksums of its own).
+
 A kill at any moment leaves either the complete folder or a `.tmp-*` one that `clean_partial` removes
 on the next start (or, for a checkpoint that was being replaced by a re-save of the same step, moves
 back); a failed write (disk full) raises CheckpointError naming the folder and leaves no `.tmp-*` behind.
@@ -36,6 +40,7 @@ TMP_PREFIX = ".tmp-"
 OLD_PREFIX = TMP_PREFIX + "old-"  # a complete folder moved aside while its replacement is renamed in
 _OLD_DIR = re.compile(r"^\.tmp-old-(.+)-(\d+)$")  # .tmp-old-<name>-<pid>
 FILES = ("model.pt", "optimizer.pt", "trainer.pt", "config.toml")
+SHARDED = "state"  # a sharded checkpoint's torch.distributed.checkpoint folder (model and optimizer)
 MANIFEST = "manifest.json"
 HASH = "blake2b"
 ZIP_CRC = "zip-crc32"  # the manifest's check of a torch.save file: the CRC-32 of each of its zip records
@@ -161,6 +166,108 @@ def save_checkpoint(folder: Path, step: int, model_state: dict, optimizer_state:
     return final
 
 
+def _file_entry(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return {"size": path.stat().st_size, HASH: hashlib.file_digest(f, _new_hash).hexdigest()}
+
+
+def save_sharded_checkpoint(folder: Path, step: int, state: dict, trainer_state: dict, config_toml: str) -> Path:
+    """Every rank: write `folder/step-NNNNNN` atomically as a sharded checkpoint. `state` (asr.fsdp.sharded_state)
+    goes through torch.distributed.checkpoint into `state/`, each rank writing its own shards and digesting them
+    for the manifest; rank 0 writes trainer.pt, config.toml and manifest.json and renames the folder into place.
+    A failure on any rank raises CheckpointError on every rank and leaves earlier checkpoints untouched and no
+    temporary folder behind."""
+    import torch.distributed.checkpoint as dcp
+
+    from asr import distributed as dist
+    from asr.fsdp import quiet_dcp
+
+    final = folder / step_dir_name(step)
+    pid = dist.gather_rows([os.getpid()])[0]  # one temporary folder for all ranks: rank 0's
+    tmp = folder / f"{TMP_PREFIX}{step_dir_name(step)}-{pid}"
+    error = None
+
+    def agree(phase) -> None:
+        nonlocal error
+        try:
+            phase()
+        except (Exception, dcp.api.CheckpointException) as e:  # DCP's is a BaseException
+            error = error or e
+        (failed,) = dist.sum_values(float(error is not None))
+        if failed:
+            if dist.is_main():
+                shutil.rmtree(tmp, ignore_errors=True)
+            reason = (io_error_reason(error) or dcp_error_reason(error)) if error is not None else None
+            if error is not None and reason is None:
+                raise error
+            raise CheckpointError(f"cannot write checkpoint {final}: {reason or 'failed on another rank'}") from None
+
+    def start() -> None:
+        if dist.is_main():
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+
+    entries = {}
+
+    def write_shards() -> None:
+        with quiet_dcp():
+            dcp.save(state, checkpoint_id=str(tmp / SHARDED))
+        mine = sorted((tmp / SHARDED).glob(f"__{dist.rank()}_*"))
+        if dist.is_main():
+            mine.append(tmp / SHARDED / ".metadata")
+        entries.update((f"{SHARDED}/{p.name}", _file_entry(p)) for p in mine)
+
+    def finish() -> None:
+        if dist.is_main():
+            files = dict(rows)
+            files["trainer.pt"] = _save_file(trainer_state, tmp / "trainer.pt")
+            files["config.toml"] = _save_file(config_toml.encode("utf-8"), tmp / "config.toml")
+            _save_file(json.dumps({"files": files}, indent=1).encode("utf-8"), tmp / MANIFEST)
+            _fsync_dir(tmp / SHARDED)
+            _fsync_dir(tmp)
+            replace_dir(tmp, final)  # re-saving a step (e.g. after a resume) replaces it
+            _fsync_dir(folder)
+
+    try:
+        agree(start)
+        dist.barrier()
+        agree(write_shards)
+        rows = dist.gather_rows(sorted(entries.items()))
+        agree(finish)
+    except BaseException:  # KeyboardInterrupt: nothing half-written stays behind either
+        if dist.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def dcp_error_reason(e: BaseException) -> str | None:
+    """Why torch.distributed.checkpoint failed, in one line: its CheckpointException carries each failed rank's
+    exception in `failures` ({rank: (exception, traceback)}); the operating system's reason (disk full) when
+    one has it, else the first one's type and message. None for another exception."""
+    inner = [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+    inner = [x for x in inner if isinstance(x, BaseException)]
+    for x in inner:
+        if reason := io_error_reason(x):
+            return reason
+    if not inner:
+        return None
+    lines = str(inner[0]).strip().splitlines()
+    return f"{type(inner[0]).__name__}: {lines[0][:200]}" if lines else type(inner[0]).__name__
+
+
+def load_trainer(path: Path) -> dict:
+    """trainer.pt of a (verified) sharded checkpoint; CorruptCheckpoint when it does not load."""
+    try:
+        return torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
+    except (OSError, MemoryError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from None
+    except Exception as e:
+        raise CorruptCheckpoint(path, f"cannot be loaded: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+                                ) from None
+
+
 def step_dirs(folder: Path) -> list[tuple[int, Path]]:
     """Every `step-N` folder in `folder`, complete or not, oldest first."""
     if not folder.is_dir():
@@ -168,9 +275,19 @@ def step_dirs(folder: Path) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir())
 
 
+def is_sharded(path: Path) -> bool:
+    """Whether checkpoint folder `path` is a sharded one (torch.distributed.checkpoint, train.parallel = fsdp)."""
+    return (path / SHARDED).is_dir()
+
+
+def required_files(path: Path) -> list[str]:
+    """The files without which checkpoint folder `path` is incomplete."""
+    return ["trainer.pt", f"{SHARDED}/.metadata"] if is_sharded(path) else list(FILES[:3])
+
+
 def list_checkpoints(folder: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints in `folder` (none of their files missing), oldest first."""
-    return [(s, p) for s, p in step_dirs(folder) if all((p / f).is_file() for f in FILES[:3])]
+    return [(s, p) for s, p in step_dirs(folder) if all((p / f).is_file() for f in required_files(p))]
 
 
 def _manifest(path: Path) -> dict | str | None:
@@ -190,7 +307,7 @@ def verify(path: Path) -> str | None:
     """Why checkpoint folder `path` cannot be trusted (a file missing, of another size than its manifest says,
     or whose bytes fail the manifest's check), or None. A checkpoint saved before manifests existed has only
     its files' presence checked."""
-    missing = [f for f in FILES[:3] if not (path / f).is_file()]
+    missing = [f for f in required_files(path) if not (path / f).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
     files = _manifest(path)

@@ -157,6 +157,12 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    # Under torchrun: ddp replicates the model on every rank (DistributedDataParallel); fsdp shards parameters,
+    # gradients and optimizer state over the ranks (FSDP2 fully_shard on each encoder/decoder layer and the
+    # root; sharded checkpoints with torch.distributed.checkpoint, resumable at any world size). In one
+    # process (world size 1) fsdp has nothing to shard: the whole model trains there, its checkpoints keep the
+    # sharded format.
+    parallel: str = "ddp"
     loss: str = ""  # a loss of asr.losses.LOSSES for the model's family; "" picks the family's default
     loss_args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     log_every: int = 10
@@ -427,6 +433,7 @@ _CHOICES = {
     "data.sp_model_type": ("unigram", "bpe"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "train.parallel": ("ddp", "fsdp"),
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }
@@ -476,6 +483,10 @@ def validate(cfg: Config) -> None:
             _check_regex(key, pattern)
     for pattern in cfg.train.lr_scale:
         _check_regex("train.lr_scale", pattern)
+    if cfg.train.parallel == "fsdp" and cfg.model.freeze_encoder_steps:
+        raise ConfigError("model.freeze_encoder_steps: not with train.parallel = \"fsdp\" (a sharded checkpoint "
+                          "saved while the encoder is frozen holds no optimizer state for it); freeze it with "
+                          "train.frozen instead, or use ddp")
     _check_augment(cfg)
     if cfg.eval.longform_min_s > cfg.eval.longform_max_s:
         raise ConfigError(f"eval.longform_min_s: {cfg.eval.longform_min_s} is above eval.longform_max_s "
@@ -646,6 +657,7 @@ RESUME_FIXED = (
     "data.timestamp_prob", "data.concat_prob", "data.concat_max_s", "data.prev_text_prob",  # the samples, labels
     "data.batch_size", "data.max_batch_s", "data.batching", "train.grad_accum", "run.seed",  # the batches
     "data.shuffle_buffer",  # a shards stream's batches
+    "train.parallel",  # the checkpoint format: one file per state (ddp) or torch.distributed.checkpoint shards
     "augment.speed",  # the perturbed durations the batches are formed from
     "augment.mask_time_prob", "augment.mask_time_length", "augment.mask_time_min_masks",  # CTC: the model's
     "augment.mask_feature_prob", "augment.mask_feature_length", "augment.mask_feature_min_masks",  # config

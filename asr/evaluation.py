@@ -297,9 +297,14 @@ def check_scored(results: dict, what: str) -> None:
 def checkpoint_family(path: Path) -> str | None:
     """"whisper" or "ctc" for a training checkpoint (from its parameter names, read without loading the
     tensors) or an exported folder (its config.json); None when neither tells."""
-    if (path / "model.pt").is_file():
+    if (path / "model.pt").is_file() or ckpt.is_sharded(path):
         try:
-            names = list(torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True))
+            if ckpt.is_sharded(path):  # train.parallel = fsdp: the names in DCP's metadata
+                from asr.fsdp import saved_names
+
+                names = saved_names(path / ckpt.SHARDED)
+            else:
+                names = list(torch.load(path / "model.pt", map_location="cpu", weights_only=True, mmap=True))
         except Exception:
             return None  # unreadable: loading it later says why
         if any(n.startswith("proj_out") or ".decoder.layers." in n or "encoder.conv1" in n for n in names):
@@ -322,7 +327,7 @@ def check_eval_checkpoint(cfg: Config, checkpoint: str) -> None:
         raise ConfigError(f"--checkpoint: not found: {path}")
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: not a folder: {path}")
-    if not (path / "model.pt").is_file() and not (path / "config.json").is_file():
+    if not (path / "model.pt").is_file() and not (path / "config.json").is_file() and not ckpt.is_sharded(path):
         raise ConfigError(f"--checkpoint: {path} holds neither model.pt (a training checkpoint) nor config.json "
                           f"(an exported model)")
     found, wanted = checkpoint_family(path), infer_family(cfg.model)
@@ -336,13 +341,25 @@ def load_for_eval(bundle, cfg: Config, out: Path, checkpoint: str | None, log) -
     """Load the weights to evaluate into `bundle.model`: `checkpoint` (a training step-N/ folder or an exported
     best/, final/), else the run's newest checkpoint that verifies, else none (the model as configured).
     Returns the step they are from."""
-    from asr.resume import load_model_state, load_newest
+    from asr.resume import load_model_state, load_newest, load_sharded_state
 
     path, loaded = Path(checkpoint) if checkpoint else None, None
     if path is None:
-        path, loaded = load_newest(out / "checkpoints", log, lambda p: ckpt.load_checkpoint(p, verified=True))
+        path, loaded = load_newest(out / "checkpoints", log,
+                                   lambda p: None if ckpt.is_sharded(p) else ckpt.load_checkpoint(p, verified=True))
     if path is None:
         return 0
+    if ckpt.is_sharded(path):  # train.parallel = fsdp: the model's part of a sharded checkpoint
+        select_parameters(bundle, cfg.train, cfg.lora)
+        names = {n for n, p in bundle.model.named_parameters() if p.requires_grad} if cfg.train.save_trainable_only \
+            else None
+        reason = ckpt.verify(path) if checkpoint else None  # load_newest verified the run's newest
+        if reason:
+            raise ckpt.CorruptCheckpoint(path, reason)
+        load_sharded_state(path, bundle.model, None, names)
+        step = ckpt.load_trainer(path)["step"]
+        log(f"evaluating {path} (step {step})")
+        return step
     if (path / "model.pt").is_file():  # a training checkpoint: the same parameter set-up (LoRA) first
         select_parameters(bundle, cfg.train, cfg.lora)
         state, _, trainer_state = loaded or ckpt.load_checkpoint(path)

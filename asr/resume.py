@@ -54,14 +54,18 @@ def load_model_state(model: torch.nn.Module, state: dict, names: set[str] | None
 def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device, tc) -> tuple[RunState, list]:
     """Load a (verified) checkpoint into the training objects, with the optimizer and schedule settings of train
     config `tc` (a resume may change them); returns the run state and every rank's RNG states."""
-    model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device, verified=True)
-    load_model_state(model, model_state, saved_names, f"checkpoint {path}")
-    try:
-        optimizer.load_state_dict(optim_state)
-    except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
-        raise TrainingError(f"checkpoint {path}: its optimizer state does not fit this run ({e}); "
-                            f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
-                            ) from None
+    if ckpt.is_sharded(path):  # train.parallel = fsdp: torch.distributed.checkpoint, saved at any world size
+        trainer = ckpt.load_trainer(path)
+        load_sharded_state(path, model, optimizer, saved_names)
+    else:
+        model_state, optim_state, trainer = ckpt.load_checkpoint(path, map_location=device, verified=True)
+        load_model_state(model, model_state, saved_names, f"checkpoint {path}")
+        try:
+            optimizer.load_state_dict(optim_state)
+        except ValueError as e:  # other parameter groups: train.lr_scale (or the model) changed since
+            raise TrainingError(f"checkpoint {path}: its optimizer state does not fit this run ({e}); "
+                                f"train.lr_scale changed? Resume with the old settings or start over with --fresh"
+                                ) from None
     scheduler.load_state_dict(trainer["scheduler"])
     apply_settings(model, optimizer, scheduler, tc)
     if trainer["scaler"]:  # empty when saved without fp16 (train.precision or run.device changed since)
@@ -70,6 +74,29 @@ def restore(path: Path, model, optimizer, scheduler, scaler, saved_names, device
                      trainer.get("skipped_steps", 0), trainer["sampler"],
                      trainer.get("failed", {"epoch": None, "clips": []}))
     return state, trainer["rng"]
+
+
+def load_sharded_state(path: Path, model, optimizer, saved_names) -> None:
+    """The model and optimizer (None: the model alone) of a sharded checkpoint (asr.fsdp.load_sharded), on every
+    rank; a checkpoint that does not load is CorruptCheckpoint (renamed aside), a read error of the machine
+    CheckpointError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from asr.fsdp import load_sharded
+
+    try:
+        load_sharded(path / ckpt.SHARDED, model, optimizer, saved_names)
+    except (OSError, MemoryError, torch.OutOfMemoryError) as e:
+        raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {getattr(e, 'strerror', None) or e}") from None
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException: a shard that does not read, a key
+        # or shape mismatch; it carries each failed rank's exception in `failures` ({rank: (exception, traceback)})
+        causes = [f[0] for f in (getattr(e, "failures", None) or {}).values()] or [e]
+        reason = next(filter(None, map(ckpt.io_error_reason, causes)), None)
+        if reason:  # the machine's fault, not the checkpoint's
+            raise ckpt.CheckpointError(f"cannot read checkpoint {path}: {reason}") from None
+        lines = [line.strip() for line in str(causes[0]).splitlines() if line.strip()]
+        raise ckpt.CorruptCheckpoint(path, f"cannot be loaded: {type(causes[0]).__name__}"
+                                           + (f": {lines[-1][:200]}" if lines else "")) from None
 
 
 class ResumeError(ConfigError):

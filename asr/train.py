@@ -20,6 +20,7 @@ import torch
 from asr import allocator
 from asr import checkpoint as ckpt
 from asr import distributed as dist
+from asr import fsdp
 from asr.augment import Augmenter, apply_spec_masks, perturbed_samples, speed_factor, speed_on
 from asr.augment import enabled as augment_enabled
 from asr.config import Config, ConfigError, to_toml
@@ -63,6 +64,7 @@ class Run:
     failed: "FailedClips" = None
     fallback: dict | None = None  # a decodable one-clip batch, for a rank whose micro-batch lost every clip
     stream: object = None  # asr.shards.ShardStream when the training clips are streamed from shards
+    skeleton: torch.nn.Module | None = None  # train.parallel = fsdp under torchrun: the unsharded model, on meta
 
 
 @dataclass
@@ -156,7 +158,9 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
                 continue
             batch, weight = fallback_batch(run), 0.0  # still join the gradient all-reduce
         sync = i == len(micro) - 1 or not run.distributed
-        with (nullcontext() if sync else run.forward.no_sync()):
+        if run.skeleton is not None:  # FSDP: no reduce-scatter and no reshard until the last micro-batch
+            fsdp.set_accumulating(model, not sync)
+        with (nullcontext() if sync or run.skeleton is not None else run.forward.no_sync()):
             with layer_drop_context(model, run.cfg.run.seed, run.state.step, i):  # the same on every rank
                 _, loss_sum, n = loss_step(run.bundle, run.forward, batch, run.loss_fn, run.device, run.autocast)
             scaler.scale(loss_sum * (weight * dist.world_size() / n_estimate)).backward()
@@ -168,7 +172,7 @@ def train_step(run: Run, micro: list[dict]) -> StepResult:
         for p in model.parameters():
             if p.grad is not None:
                 p.grad.mul_(n_estimate / n_window)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad or math.inf))
+    grad_norm = fsdp.to_float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad or math.inf))
     finite_loss = math.isfinite(loss_total)
     finite = finite_loss and math.isfinite(grad_norm)
     lr = optimizer.param_groups[0]["lr"]
@@ -201,6 +205,16 @@ def setup(cfg: Config, fresh: bool) -> Run:
     saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
     precision = pick_precision(tc.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    skeleton = None
+    if tc.parallel == "fsdp" and dist.is_initialized():  # before the optimizer: sharding replaces the parameters
+        check_layer_drop(model)
+        skeleton = fsdp.shard(model, precision)
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        scaler = ShardedGradScaler(device.type, enabled=precision == "fp16")  # every rank skips the same steps
+    elif tc.parallel == "fsdp":
+        log("train.parallel = fsdp in one process (world size 1): nothing to shard, the whole model trains here; "
+            "checkpoints stay sharded (torch.distributed.checkpoint), so torchrun resumes them at any world size")
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
     by_duration = cfg.data.batching == "duration" or (cfg.data.batching == "auto" and bundle.family == "ctc")
@@ -253,7 +267,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     frozen = cfg.model.freeze_encoder_steps > state.step
     if frozen:
         set_encoder_frozen(bundle, True)
-    forward = wrap(model, device)
+    forward = model if skeleton is not None else wrap(model, device)
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
     if tb and augmenter and state.step == 0:
@@ -266,7 +280,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     )) if data.stream is None else sampler.batches(device, dist.loader_worker_init)
     run = Run(cfg, out, log, device, bundle, data, model, forward, dist.is_initialized(), optimizer, scheduler,
               scaler, batches, loss_function(tc, bundle.family), tc.loss or DEFAULT_LOSS[bundle.family],
-              precision, autocast_for(precision, device), tb, state, saved_names, frozen)
+              precision, autocast_for(precision, device), tb, state, saved_names, frozen, skeleton=skeleton)
     run.failed = FailedClips(run)
     run.stream = sampler if data.stream is not None else None
     model.train()
@@ -335,20 +349,24 @@ def wrap(model: torch.nn.Module, device: torch.device):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    adapter = numpy_layer_drop(model)
-    if adapter:
-        raise TrainingError(f"model: {adapter} draws its LayerDrop from numpy, differently on each rank; "
-                            f"set its layerdrop to 0 (model.layerdrop = 0) for multi-process training")
+    check_layer_drop(model)
     # LayerDrop skips the same layers on every rank (layer_drop_context), but their parameters get no
     # gradient that step: the reducer must look for them (after each forward, a walk of the graph).
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    find_unused_parameters=uses_layerdrop(model))
 
 
+def check_layer_drop(model: torch.nn.Module) -> None:
+    adapter = numpy_layer_drop(model)
+    if adapter:
+        raise TrainingError(f"model: {adapter} draws its LayerDrop from numpy, differently on each rank; "
+                            f"set its layerdrop to 0 (model.layerdrop = 0) for multi-process training")
+
+
 def unfreeze_when_due(run: Run) -> None:
     if run.frozen and run.state.step >= run.cfg.model.freeze_encoder_steps:
         set_encoder_frozen(run.bundle, False)
-        run.forward, run.frozen = wrap(run.model, run.device), False
+        run.forward, run.frozen = run.model if run.skeleton is not None else wrap(run.model, run.device), False
         run.log(f"step {run.state.step}: encoder unfrozen")
 
 
@@ -446,16 +464,18 @@ def evaluate_run(run: Run) -> tuple[dict, bool]:
     state = run.state
     try:
         allocator.release_cached()  # evaluation's buffers differ in size from training's: neither keeps the other's
-        results = evaluate_sets(run, state.step)
+        with fsdp.gathered(run.model):  # FSDP: the full weights on every rank, whose forwards differ in number
+            results = evaluate_sets(run, state.step)
         allocator.release_cached()
         first = next(iter(results.values()), None)
         if first is None or first["wer"] is None or \
                 (first["wer"], first["cer"]) >= (state.best["wer"], state.best.get("cer", math.inf)):
             return results, False
         best, error = {"wer": first["wer"], "cer": first["cer"], "step": state.step}, None
+        bundle = export_bundle(run)
         if dist.is_main():
             try:
-                export_to(run.bundle, run.out / "best", {"kind": "best", **best})
+                export_to(bundle, run.out / "best", {"kind": "best", **best})
             except ckpt.CheckpointError as e:
                 error = e
         (failed,) = dist.sum_values(1.0 if error else 0.0)
@@ -468,8 +488,19 @@ def evaluate_run(run: Run) -> tuple[dict, bool]:
     return results, True
 
 
+def export_bundle(run: Run) -> Bundle | None:
+    """What best/ and final/ export: the run's bundle; under FSDP (every rank calls it) rank 0 gets one of the
+    full weights gathered into a plain model, the other ranks None."""
+    if run.skeleton is None:
+        return run.bundle
+    full = fsdp.full_model(run.model, run.skeleton)
+    return None if full is None else Bundle(run.bundle.family, full, run.bundle.cfg, run.bundle.tokenizer,
+                                            run.bundle.vocab, run.bundle.processor)
+
+
 def save(run: Run) -> None:
-    """A checkpoint of this step (every rank's random state in it); older ones pruned."""
+    """A checkpoint of this step (every rank's random state in it); older ones pruned. train.parallel = fsdp:
+    a sharded one, every rank writing its shards."""
     rng = dist.gather_rows([ckpt.rng_state()])  # every rank's generators, so each resumes its own stream
     sampler = run.state.sampler
     if run.data.stream is not None:  # every rank streams its own shards: the checkpoint holds each one's position
@@ -478,12 +509,16 @@ def save(run: Run) -> None:
         run.stream.update_report(run.data.reports[key], sampler)
         if dist.is_main():
             write_report(run.data.reports, run.out / "data_report.json")
-    if dist.is_main():
-        trainer = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng,
-                   **asdict(run.state), "sampler": sampler}
-        ck_dir = run.out / "checkpoints"
+    trainer = {"scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "rng": rng,
+               **asdict(run.state), "sampler": sampler}
+    ck_dir = run.out / "checkpoints"
+    if run.cfg.train.parallel == "fsdp":
+        path = ckpt.save_sharded_checkpoint(ck_dir, run.state.step, fsdp.sharded_state(
+            run.model, run.optimizer, run.saved_names), trainer, to_toml(run.cfg))
+    elif dist.is_main():
         path = ckpt.save_checkpoint(ck_dir, run.state.step, checkpoint_state(run.model, run.saved_names),
                                     run.optimizer.state_dict(), trainer, to_toml(run.cfg))
+    if dist.is_main():
         ckpt.prune(ck_dir, run.cfg.train.keep_last, {run.state.best["step"], run.state.step})
         run.log(f"saved {path}")
     dist.barrier()
@@ -505,8 +540,9 @@ def finish(run: Run, last_eval: dict, losses: list) -> dict:
     """Export final/, write results.json; a final evaluation that could decode no utterance of a set is an
     error (exit status 1) once both are written."""
     state, totals = run.state, run.state.totals
+    bundle = export_bundle(run)
     if dist.is_main():
-        export_to(run.bundle, run.out / "final", {"kind": "final", "step": state.step})
+        export_to(bundle, run.out / "final", {"kind": "final", "step": state.step})
     results = {
         "steps": state.step,
         "eval": last_eval,

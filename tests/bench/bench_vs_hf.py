@@ -10,6 +10,8 @@ batch, steps, gradient-checkpointing setting and seed. Prints a table and writes
 tests/bench/results/vs_hf.json. Ratios are reference / ours (above 1: ours is better),
 except WER, which is reported as is. `--ours-set KEY=VALUE` (repeatable) changes this project's
 side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of oneTBB's.
+`--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast (tests/gpu/check.sh: whisper-base,
+50 steps) and adds each side's peak GPU memory; the FLOP/s are then a fraction of the GPU's bf16 matmul rate.
 
 The reference decodes audio with soundfile and resamples each clip with torchaudio inside
 `.map`: datasets' own `Audio(sampling_rate=16000)` decoding needs torchcodec and a system
@@ -68,17 +70,23 @@ def whisper_train_flops_per_sample(config, label_tokens: float) -> float:
     return 3 * 2 * macs
 
 
-def matmul_flops_per_s(n: int = 3072, repeats: int = 3, rounds: int = 5) -> float:
-    """The machine's fp32 matmul rate: the best of several timed rounds (the first call warms the threads up)."""
+def matmul_flops_per_s(n: int = 3072, repeats: int = 3, rounds: int = 5, device: str = "cpu",
+                       dtype: str = "fp32") -> float:
+    """The machine's matmul rate in `dtype` on `device`: the best of several timed rounds (the first call warms the
+    threads, or the GPU's clocks and cuBLAS, up)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = torch.randn(n, n, device=device, dtype=kind), torch.randn(n, n, device=device, dtype=kind)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = 0.0
     for _ in range(rounds):
         t = time.perf_counter()
         for _ in range(repeats):
             torch.mm(a, b)
+        sync()
         best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
     return best
 
@@ -176,7 +184,8 @@ def side_hf(args, work: Path) -> dict:
     training_args = Seq2SeqTrainingArguments(
         output_dir=str(work / "hf_out"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup,
-        max_steps=args.steps, gradient_checkpointing=args.grad_ckpt, use_cpu=True, fp16=False,
+        max_steps=args.steps, gradient_checkpointing=args.grad_ckpt, use_cpu=args.device == "cpu",
+        bf16=args.precision == "bf16", fp16=args.precision == "fp16",
         per_device_eval_batch_size=args.eval_batch, predict_with_generate=True,
         generation_max_length=args.max_new_tokens, eval_strategy="no", save_strategy="no", logging_steps=10,
         report_to=[], seed=args.seed, dataloader_num_workers=0, remove_unused_columns=False,
@@ -214,7 +223,8 @@ def ours_config(args, out_dir: Path):
     from asr.config import load_config
 
     return load_config(None, [
-        f"run.out_dir={out_dir}", f"run.seed={args.seed}", f"model.name={args.model}",
+        f"run.out_dir={out_dir}", f"run.seed={args.seed}", f"model.name={args.model}", f"run.device={args.device}",
+        f"train.precision={args.precision}",
         f"data.sources=[{{kind = \"common_voice\", path = \"{args.cv}\", language = \"{args.lang}\", "
         f"train = \"train\", dev = \"dev\", test = \"test\"}}]",
         f"data.batch_size={args.batch}", "data.max_batch_s=0", f"data.num_workers={args.workers}",
@@ -246,7 +256,7 @@ def side_ours(args, work: Path) -> dict:
 
     import asr.experiment as E
 
-    T.prepare, T.evaluate = timed("prepare", T.prepare), timed("evaluate", T.evaluate)
+    T.prepare, T.evaluate_sets = timed("prepare", T.prepare), timed("evaluate", T.evaluate_sets)
     E.build = timed("build", E.build)  # model loading, inside prepare
     import asr.preflight
 
@@ -322,6 +332,9 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=225)
     ap.add_argument("--workers", type=int, default=1, help="data loader workers for our side")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides (default cpu)")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                    help="both sides: autocast dtype (default fp32)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for this project's side only, e.g. run.allocator=system")
     ap.add_argument("--work", default="/tmp/asr-bench-vs-hf")
@@ -343,6 +356,8 @@ def main() -> None:
         torch.manual_seed(args.seed)
         result = side_hf(args, side_work) if args.side == "hf" else side_ours(args, side_work)
         result["peak_rss_mb"] = peak_rss_mb()
+        if args.device == "cuda":  # over the whole side: evaluations before and after, and training
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         print(json.dumps(result))
         return
 
@@ -353,7 +368,8 @@ def main() -> None:
     args.cv = subset_corpus(args, work)
     hf = run_side("hf", args)
     ours = run_side("ours", args)
-    machine = matmul_flops_per_s()
+    gpu = args.device == "cuda"
+    machine = matmul_flops_per_s(8192, 10, 5, "cuda", args.precision) if gpu else matmul_flops_per_s()
     config = AutoConfig.from_pretrained(args.model)
     from transformers import WhisperTokenizer
 
@@ -371,7 +387,7 @@ def main() -> None:
         ("data preparation (s)", "prepare_s", True), ("prepared data on disk (bytes)", "prepare_disk_bytes", True),
         ("evaluation before (s)", "eval_before_s", True), ("evaluation after (s)", "eval_after_s", True),
         ("end to end (s)", "end_to_end_s", True), ("peak resident memory (MB)", "peak_rss_mb", True),
-    ):
+    ) + ((("peak GPU memory (MB)", "peak_gpu_mb", True),) if gpu else ()):
         rows[key] = {"name": name, "hf": hf[key], "ours": ours[key],
                      "ratio": hf[key] / ours[key] if ours[key] else float("inf")}
     for side in (hf, ours):
@@ -385,11 +401,13 @@ def main() -> None:
     summary = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("side",)},
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if gpu else "cpu",
         "rows": rows,
         "wer": {s: {k: side[k] for k in ("wer_before", "wer_after", "wer_ortho_before", "wer_ortho_after")}
                 for s, side in (("hf", hf), ("ours", ours))},
         "flops": {"train_flops_per_sample": flops_sample, "mean_label_tokens": mean_tokens,
                   "achieved_flops_per_s": achieved, "machine_matmul_flops_per_s": machine,
+                  "matmul_dtype": args.precision if gpu else "fp32",
                   "fraction_of_matmul_peak": achieved / machine},
         "raw": {"hf": hf, "ours": ours},
     }
@@ -406,7 +424,7 @@ def main() -> None:
     f = summary["flops"]
     print(f"ours: {f['achieved_flops_per_s'] / 1e9:.1f} GFLOP/s of training, "
           f"{100 * f['fraction_of_matmul_peak']:.1f}% of this machine's {f['machine_matmul_flops_per_s'] / 1e9:.1f} "
-          f"GFLOP/s fp32 matmul")
+          f"GFLOP/s {f['matmul_dtype']} matmul ({summary['device']})")
     print(f"wrote {args.out}")
 
 
