@@ -54,33 +54,20 @@ def model_config(mc, vocab_size: int):
     import transformers
     from transformers import AutoConfig
 
-    from asr.models import _CTC_OVERRIDES, SCRATCH_CONFIGS, _apply_overrides, infer_family
+    from asr.models import _CTC_OVERRIDES, SCRATCH_CONFIGS, _apply_overrides, infer_family, scratch_sizes
 
     family = infer_family(mc)
     if family == "whisper":
         conf = AutoConfig.from_pretrained(mc.name)
         if mc.init == "scratch":
-            sizes = {"d_model": mc.hidden_size, "encoder_layers": mc.num_layers, "decoder_layers": mc.num_layers,
-                     "encoder_attention_heads": mc.num_heads, "decoder_attention_heads": mc.num_heads,
-                     "encoder_ffn_dim": mc.intermediate_size, "decoder_ffn_dim": mc.intermediate_size}
-            for k, v in sizes.items():
-                if v:
-                    setattr(conf, k, v)
+            scratch_sizes(conf, mc, "whisper")
         return family, conf
     if mc.init == "scratch" and not mc.name:
         conf = getattr(transformers, SCRATCH_CONFIGS[mc.arch])(feat_extract_norm="layer", do_stable_layer_norm=True)
     else:
         conf = AutoConfig.from_pretrained(mc.name)
     if mc.init == "scratch":
-        sizes = {"hidden_size": mc.hidden_size, "num_hidden_layers": mc.num_layers, "num_attention_heads": mc.num_heads,
-                 "intermediate_size": mc.intermediate_size, "conv_dim": mc.conv_dim, "conv_kernel": mc.conv_kernel,
-                 "conv_stride": mc.conv_stride}
-        for k, v in sizes.items():
-            if v:
-                setattr(conf, k, list(v) if isinstance(v, list) else v)
-        conf.num_feat_extract_layers = len(conf.conv_dim)
-        if mc.hidden_size and conf.hidden_size % conf.num_conv_pos_embedding_groups:
-            conf.num_conv_pos_embedding_groups = 1
+        scratch_sizes(conf, mc, "ctc")
     conf.vocab_size = vocab_size
     _apply_overrides(conf, mc, _CTC_OVERRIDES)  # e.g. no time masking: no masked_spec_embed parameter
     return family, conf

@@ -152,6 +152,30 @@ def quiet_progress_bars():
             hf_logging.enable_progress_bar()
 
 
+def scratch_sizes(mconf, cfg: ModelConfig, family: str) -> None:
+    """Sets model.hidden_size, num_layers, num_heads, intermediate_size (and CTC's conv layers) where given
+    on the transformers config `mconf` of a model trained from scratch."""
+    if family == "whisper":
+        sizes = {"d_model": cfg.hidden_size, "encoder_layers": cfg.num_layers, "decoder_layers": cfg.num_layers,
+                 "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
+                 "encoder_ffn_dim": cfg.intermediate_size, "decoder_ffn_dim": cfg.intermediate_size}
+    else:
+        sizes = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+                 "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
+                 "conv_dim": cfg.conv_dim, "conv_kernel": cfg.conv_kernel, "conv_stride": cfg.conv_stride}
+    for k, v in sizes.items():
+        if v:
+            setattr(mconf, k, list(v) if isinstance(v, list) else v)
+    if family == "whisper":
+        return
+    if not len(mconf.conv_dim) == len(mconf.conv_kernel) == len(mconf.conv_stride):
+        raise ModelError(f"model.conv_dim, conv_kernel, conv_stride: need one entry per conv layer each "
+                         f"(got {len(mconf.conv_dim)}, {len(mconf.conv_kernel)}, {len(mconf.conv_stride)})")
+    mconf.num_feat_extract_layers = len(mconf.conv_dim)
+    if cfg.hidden_size and mconf.hidden_size % mconf.num_conv_pos_embedding_groups:
+        mconf.num_conv_pos_embedding_groups = 1
+
+
 def build_whisper(cfg: ModelConfig, languages: list[str]) -> Bundle:
     from transformers import AutoConfig, GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
@@ -165,12 +189,7 @@ def build_whisper(cfg: ModelConfig, languages: list[str]) -> Bundle:
         if (cfg.mask_time_prob or 0) > 0 or (cfg.mask_feature_prob or 0) > 0:
             mconf.apply_spec_augment = True  # Whisper ignores the mask probabilities without it
         if cfg.init == "scratch":
-            sizes = {"d_model": cfg.hidden_size, "encoder_layers": cfg.num_layers, "decoder_layers": cfg.num_layers,
-                     "encoder_attention_heads": cfg.num_heads, "decoder_attention_heads": cfg.num_heads,
-                     "encoder_ffn_dim": cfg.intermediate_size, "decoder_ffn_dim": cfg.intermediate_size}
-            for k, v in sizes.items():
-                if v:
-                    setattr(mconf, k, v)
+            scratch_sizes(mconf, cfg, "whisper")
             model = WhisperForConditionalGeneration(mconf)
             # The named model's generation config holds the language and task token tables that
             # `generate(language=..., task=...)` needs; one derived from the model config has none.
@@ -222,18 +241,7 @@ def build_ctc(cfg: ModelConfig, vocab, augment=None) -> Bundle:
             else:  # XLS-R-like layout (layer-norm feature encoder, pre-norm transformer)
                 mconf = getattr(transformers, SCRATCH_CONFIGS[cfg.arch])(
                     feat_extract_norm="layer", do_stable_layer_norm=True)
-            sizes = {"hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-                     "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.intermediate_size,
-                     "conv_dim": cfg.conv_dim, "conv_kernel": cfg.conv_kernel, "conv_stride": cfg.conv_stride}
-            for k, v in sizes.items():
-                if v:
-                    setattr(mconf, k, list(v) if isinstance(v, list) else v)
-            if not len(mconf.conv_dim) == len(mconf.conv_kernel) == len(mconf.conv_stride):
-                raise ModelError(f"model.conv_dim, conv_kernel, conv_stride: need one entry per conv layer each "
-                                 f"(got {len(mconf.conv_dim)}, {len(mconf.conv_kernel)}, {len(mconf.conv_stride)})")
-            mconf.num_feat_extract_layers = len(mconf.conv_dim)
-            if cfg.hidden_size and mconf.hidden_size % mconf.num_conv_pos_embedding_groups:
-                mconf.num_conv_pos_embedding_groups = 1
+            scratch_sizes(mconf, cfg, "ctc")
             for k, v in special.items():
                 setattr(mconf, k, v)
             _apply_overrides(mconf, cfg, _CTC_OVERRIDES)
