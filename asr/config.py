@@ -151,7 +151,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU). bf16/fp16 autocast the forward; the
+    # weights, optimizer state, input features and loss stay float32 (fp16 adds a gradient scaler).
+    precision: str = "auto"
     loss: str = ""  # a loss of asr.losses.LOSSES for the model's family; "" picks the family's default
     loss_args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     log_every: int = 10
@@ -209,6 +211,7 @@ class EvalConfig:
     longform_min_s: float = 60.0
     longform_max_s: float = 180.0
     longform_recordings: int = 0
+    precision: str = ""  # "": train.precision; else auto | fp32 | bf16 | fp16 for evaluation and decoding
 
 
 @dataclass
@@ -421,6 +424,7 @@ _CHOICES = {
     "data.sp_model_type": ("unigram", "bpe"),
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "eval.precision": ("", "auto", "fp32", "bf16", "fp16"),
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }

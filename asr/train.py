@@ -25,8 +25,8 @@ from asr.augment import enabled as augment_enabled
 from asr.config import Config, to_toml
 from asr.data import AudioDataset, DataError, DurationBatchSampler, collate
 from asr.evaluation import check_scored, evaluate_sets
-from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, export_to, lock_run_dir,
-                            pick_precision, prepare, record_decode_failures, start_run, unlock_run_dir)
+from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, choose_precision,
+                            eval_precision, export_to, lock_run_dir, prepare, record_decode_failures, start_run, unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
 from asr.models import (Bundle, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
                         select_parameters, set_encoder_frozen, uses_layerdrop)
@@ -56,6 +56,7 @@ class Run:
     loss_name: str
     precision: str
     autocast: object
+    eval_autocast: object  # evaluation's (eval.precision)
     tb: object  # SummaryWriter on rank 0, else None
     state: RunState
     saved_names: set | None  # train.save_trainable_only: the parameters checkpoints hold
@@ -195,7 +196,9 @@ def setup(cfg: Config, fresh: bool) -> Run:
     select_parameters(bundle, tc, cfg.lora)
     model = bundle.model.to(device)
     saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
-    precision = pick_precision(tc.precision, device)
+    precision, why = choose_precision(tc.precision, device)
+    log(f"training precision {precision} ({why})")
+    eval_autocast = autocast_for(eval_precision(cfg, device, log), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     optimizer = make_optimizer(model, tc)
     scheduler = make_scheduler(optimizer, tc)
@@ -252,7 +255,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     ))
     run = Run(cfg, out, log, device, bundle, data, model, forward, dist.is_initialized(), optimizer, scheduler,
               scaler, batches, loss_function(tc, bundle.family), tc.loss or DEFAULT_LOSS[bundle.family],
-              precision, autocast_for(precision, device), tb, state, saved_names, frozen)
+              precision, autocast_for(precision, device), eval_autocast, tb, state, saved_names, frozen)
     run.failed = FailedClips(run)
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
