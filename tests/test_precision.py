@@ -13,7 +13,7 @@ from asr import experiment
 from asr.models import build, loss_step, model_inputs
 from asr.train import train
 
-from helpers import (final_params, needs_whisper_base, read_json, same_clips_config, scalars, tiny_ctc_config,
+from helpers import (final_params, needs_whisper_base, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
                      tiny_whisper_config)
 
 
@@ -81,18 +81,23 @@ def test_bf16_resume_is_exact(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_eval_precision(tmp_path):
-    """eval.precision: bf16 training evaluated in fp32 scores as an fp32 run does (lr 0: the same weights);
-    by default the evaluation runs in the training precision."""
-    losses = {}
+@pytest.mark.parametrize("family", ["ctc", pytest.param("whisper", marks=needs_whisper_base)])
+def test_eval_precision(tmp_path, family):
+    """eval.precision: bf16 training evaluated in fp32 scores and transcribes exactly as an fp32 run does (lr 0:
+    the same weights); by default the evaluation runs in the training precision."""
+    make = tiny_ctc_config if family == "ctc" else tiny_whisper_config
+    evals = {}
     for name, train_p, eval_p in (("fp32", "fp32", ""), ("bf16", "bf16", ""), ("bf16-eval-fp32", "bf16", "fp32")):
-        cfg = same_clips_config(tiny_ctc_config(tmp_path / name, precision=train_p))
+        cfg = same_clips_config(make(tmp_path / name, precision=train_p))
         cfg.eval.precision = eval_p
         cfg.eval.at_start = False
+        if family == "whisper":
+            cfg.eval.max_utterances, cfg.decode.max_new_tokens = 3, 6
         train(cfg, fresh=True)
-        losses[name] = read_json(tmp_path / name / "eval" / "step-000001.json")["loss"]
-    assert losses["bf16-eval-fp32"] == losses["fp32"]
-    assert losses["bf16"] != losses["fp32"]
+        evals[name] = (read_json(tmp_path / name / "eval" / "step-000001.json")["loss"],
+                       [r["hypothesis"] for r in read_tsv(tmp_path / name / "eval" / "step-000001.tsv")])
+    assert evals["bf16-eval-fp32"] == evals["fp32"]
+    assert evals["bf16"][0] != evals["fp32"][0]
     log = (tmp_path / "bf16-eval-fp32" / "train.log").read_text(encoding="utf-8")
     assert "evaluation precision fp32 (eval.precision = 'fp32')" in log
 
