@@ -32,7 +32,7 @@ def audio_info(path: str | Path | bytes | io.IOBase) -> tuple[float, int]:
     """(duration in seconds, sample rate) from the header of a file (a path, the file's bytes or a
     binary file object), without decoding. Raises AudioError naming the file."""
     name, src = _source(path)
-    src = _check_complete(name, src)
+    _check_complete(name, src)
     try:
         info = sf.info(src)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError for bad files
@@ -101,11 +101,10 @@ def mpeg_truncation(data: bytes) -> str | None:
     frames, expected, sizes = 0, None, _FRAME_SIZES
     while pos + 4 <= end:
         h = int.from_bytes(data[pos : pos + 4], "big")
-        size = sizes.get(h >> 9)
-        if size is None:
-            size = sizes[h >> 9] = _frame_size(h >> 9)
+        size = sizes.get(h >> 9) or _frame_size(h >> 9)
         if not size:
             return None  # the decoder decides
+        sizes[h >> 9] = size  # only valid headers: a few thousand at most
         if frames == 0 and (h >> 17) & 3 == 1:  # layer 3: a Xing/Info header in the first frame may give the count
             mpeg1, mono = (h >> 19) & 3 == 3, (h >> 6) & 3 == 3
             off = pos + 4 + ((17 if mono else 32) if mpeg1 else (9 if mono else 17))
@@ -119,28 +118,21 @@ def mpeg_truncation(data: bytes) -> str | None:
     return None
 
 
-def _is_mpeg(head: bytes) -> bool:
-    return head[:3] == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
-
-
-def _check_complete(name: str, src) -> object:
-    """AudioError when `src` (a path or BytesIO from `_source`) is an mp3 cut short (see mpeg_truncation).
-    Returns what to decode: an mp3 file's bytes, read once here (BytesIO), else `src` itself."""
+def _check_complete(name: str, src) -> None:
+    """AudioError when `src` (a path or BytesIO from `_source`) is an mp3 cut short (see mpeg_truncation)."""
     if isinstance(src, io.BytesIO):
         data = src.getvalue()
     elif isinstance(src, str):
         with open(src, "rb") as f:
             head = f.read(3)
-            if not _is_mpeg(head):
-                return src  # not MPEG audio
+            if head != b"ID3" and not (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0):
+                return  # not MPEG audio
             data = head + f.read()
-        src = io.BytesIO(data)
     else:
-        return src
+        return
     reason = mpeg_truncation(data)
     if reason:
         raise AudioError(_message(name, reason))
-    return src
 
 
 def _message(name: str, what: str) -> str:
@@ -166,7 +158,7 @@ def load_audio(path: str | Path | bytes, sample_rate: int | None = 16000) -> tor
     `sample_rate` (None: the file's own). Returns (N,). A missing, empty or corrupt file raises AudioError
     (one line, naming it); one whose samples are not all finite raises NonFiniteAudio."""
     name, src = _source(path)
-    src = _check_complete(name, src)  # an mp3 is read once, for the check and the decoder
+    _check_complete(name, src)  # libsndfile reads the file again: faster than decoding the bytes from Python
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)  # (N, C)
     except Exception as e:

@@ -189,22 +189,6 @@ def test_load_audio_decodes_fixture_mp3(train_clips):
     assert torch.equal(load_audio(path.read_bytes()), audio)  # bytes decode the same
 
 
-def test_mp3_is_read_once_and_decodes_as_from_its_path(train_clips, monkeypatch):
-    """The truncation check's bytes are what the decoder reads (libsndfile does not open the file again), and
-    they decode to the samples decoding the path gives."""
-    import io
-
-    import asr.audio as A
-
-    reads, real = [], sf.read
-    monkeypatch.setattr(A.sf, "read", lambda src, **kw: (reads.append(src), real(src, **kw))[1])
-    for path in train_clips[:3]:
-        audio = load_audio(path)
-        data, sr = real(str(path), dtype="float32", always_2d=True)  # (N, 1)
-        assert torch.equal(audio, AF.resample(torch.from_numpy(np.ascontiguousarray(data[:, 0])), sr, 16000))
-    assert len(reads) == 3 and all(isinstance(r, io.BytesIO) for r in reads)
-
-
 def write_bad_files(folder):
     (folder / "empty.mp3").write_bytes(b"")
     (folder / "garbage.mp3").write_bytes(b"this is not audio at all\n" * 200)
