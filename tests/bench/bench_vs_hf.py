@@ -263,7 +263,9 @@ def side_ours(args, work: Path) -> dict:
 
     import asr.experiment as E
 
-    T.prepare, T.evaluate = timed("prepare", T.prepare), timed("evaluate", T.evaluate)
+    import asr.evaluation as V
+
+    T.prepare, V.evaluate = timed("prepare", T.prepare), timed("evaluate", V.evaluate)  # one call per set
     E.build = timed("build", E.build)  # model loading, inside prepare
     import asr.preflight
 
