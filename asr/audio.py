@@ -70,6 +70,23 @@ _MPEG_KBPS = {  # (MPEG-1?, layer) -> kbit/s by bitrate index
 _MPEG_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version bits
 
 
+def _frame_size(key: int) -> int:
+    """The byte size of the MPEG audio frame whose 32-bit header, shifted right by 9 bits, is `key`
+    (sync, version, layer, protection, bitrate, sample rate, padding); 0 when it is not a frame header."""
+    version, layer_bits = (key >> 10) & 3, (key >> 8) & 3
+    bitrate_index, rate_index, padding = (key >> 3) & 15, (key >> 1) & 3, key & 1
+    if (key >> 12) != 0x7FF or version == 1 or layer_bits == 0 or bitrate_index in (0, 15) or rate_index == 3:
+        return 0  # not a frame header (junk, another tag, free format)
+    mpeg1, layer = version == 3, 4 - layer_bits
+    bitrate, rate = _MPEG_KBPS[mpeg1, layer][bitrate_index] * 1000, _MPEG_RATES[version][rate_index]
+    if layer == 1:
+        return (12 * bitrate // rate + padding) * 4
+    return (144 if mpeg1 or layer == 2 else 72) * bitrate // rate + padding
+
+
+_FRAME_SIZES: dict[int, int] = {}  # header >> 9 -> frame size: a file uses a handful of distinct headers
+
+
 def mpeg_truncation(data: bytes) -> str | None:
     """Why an MPEG audio (mp3) stream looks cut short, or None: its last frame runs past the end of the
     data, or it holds fewer frames than its Xing/Info header says. Decoders drop a cut frame silently and
@@ -81,21 +98,15 @@ def mpeg_truncation(data: bytes) -> str | None:
         pos += 10 if data[5] & 0x10 else 0
     if end - 128 >= pos and data[end - 128 : end - 125] == b"TAG":  # ID3v1 tag
         end -= 128
-    frames, expected = 0, None
+    frames, expected, sizes = 0, None, _FRAME_SIZES
     while pos + 4 <= end:
         h = int.from_bytes(data[pos : pos + 4], "big")
-        version, layer_bits = (h >> 19) & 3, (h >> 17) & 3
-        bitrate_index, rate_index, padding = (h >> 12) & 15, (h >> 10) & 3, (h >> 9) & 1
-        if (h >> 21) != 0x7FF or version == 1 or layer_bits == 0 or bitrate_index in (0, 15) or rate_index == 3:
-            return None  # not a frame header (junk, another tag, free format): the decoder decides
-        mpeg1, layer = version == 3, 4 - layer_bits
-        bitrate, rate = _MPEG_KBPS[mpeg1, layer][bitrate_index] * 1000, _MPEG_RATES[version][rate_index]
-        if layer == 1:
-            size = (12 * bitrate // rate + padding) * 4
-        else:
-            size = (144 if mpeg1 or layer == 2 else 72) * bitrate // rate + padding
-        if frames == 0 and layer == 3:  # a Xing/Info header in the first frame may give the frame count
-            mono = (h >> 6) & 3 == 3
+        size = sizes.get(h >> 9) or _frame_size(h >> 9)
+        if not size:
+            return None  # the decoder decides
+        sizes[h >> 9] = size  # only valid headers: a few thousand at most
+        if frames == 0 and (h >> 17) & 3 == 1:  # layer 3: a Xing/Info header in the first frame may give the count
+            mpeg1, mono = (h >> 19) & 3 == 3, (h >> 6) & 3 == 3
             off = pos + 4 + ((17 if mono else 32) if mpeg1 else (9 if mono else 17))
             if data[off : off + 4] in (b"Xing", b"Info") and int.from_bytes(data[off + 4 : off + 8], "big") & 1:
                 expected = int.from_bytes(data[off + 8 : off + 12], "big")
@@ -147,7 +158,7 @@ def load_audio(path: str | Path | bytes, sample_rate: int | None = 16000) -> tor
     `sample_rate` (None: the file's own). Returns (N,). A missing, empty or corrupt file raises AudioError
     (one line, naming it); one whose samples are not all finite raises NonFiniteAudio."""
     name, src = _source(path)
-    _check_complete(name, src)
+    _check_complete(name, src)  # libsndfile reads the file again: faster than decoding the bytes from Python
     try:
         data, sr = sf.read(src, dtype="float32", always_2d=True)  # (N, C)
     except Exception as e:

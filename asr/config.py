@@ -156,7 +156,9 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU)
+    # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU). bf16/fp16 autocast the forward; the
+    # weights, optimizer state, input features and loss stay float32 (fp16 adds a gradient scaler).
+    precision: str = "auto"
     # Under torchrun: ddp replicates the model on every rank (DistributedDataParallel); fsdp shards parameters,
     # gradients and optimizer state over the ranks (FSDP2 fully_shard on each encoder/decoder layer and the
     # root; sharded checkpoints with torch.distributed.checkpoint, resumable at any world size). In one
@@ -220,6 +222,7 @@ class EvalConfig:
     longform_min_s: float = 60.0
     longform_max_s: float = 180.0
     longform_recordings: int = 0
+    precision: str = ""  # "": train.precision; else auto | fp32 | bf16 | fp16 for evaluation and decoding
 
 
 @dataclass
@@ -434,6 +437,7 @@ _CHOICES = {
     "train.schedule": ("linear", "cosine", "constant"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
     "train.parallel": ("ddp", "fsdp"),
+    "eval.precision": ("", "auto", "fp32", "bf16", "fp16"),
     "eval.normalizer": ("script", "basic"),
     "eval.split": ("train", "dev", "test"),
 }

@@ -27,7 +27,7 @@ from asr import distributed as dist
 from asr.config import Config, ConfigError, eval_set_kind, eval_set_specs
 from asr.data import AudioDataset, Utterance, collate, load_utterance_audio
 from asr.decode import ctc_decode, decode_tag, whisper_generate
-from asr.experiment import (EXPORT_INFO, Board, TrainingError, autocast_for, pick_precision, prepare,
+from asr.experiment import (EXPORT_INFO, Board, TrainingError, autocast_for, eval_precision, prepare,
                             record_decode_failures, start_run, unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
 from asr.metrics import (breakdown, error_analysis, error_rates, format_errs, hallucination_metrics,
@@ -73,8 +73,8 @@ def evaluate(bundle, utts: list[Utterance], cfg, device, loss_fn, autocast=nullc
         if not batch["ids"]:
             continue
         if bundle.family == "whisper":  # the encoder runs once, for the loss and for decoding
+            inputs = model_inputs(bundle, batch, device)  # float32 features, as in training
             with autocast():
-                inputs = model_inputs(bundle, batch, device)
                 inputs["encoder_outputs"] = model.get_encoder()(inputs.pop("input_features"))
             _, loss, n = loss_step(bundle, model, batch, loss_fn, device, autocast, inputs)
             with autocast():
@@ -174,14 +174,14 @@ def num(value, spec: str = ".2f") -> str:
 def evaluate_and_write(run, name: str, utts: list[Utterance], stem: str, info: dict, tb_prefix: str,
                        write_report: bool = True, baseline: dict | None = None) -> dict:
     """Evaluate one set for `run` (a training run, or an evaluation-only one: bundle, data, cfg, device,
-    loss_fn, autocast, out, tb, log), count its decoding failures in the data report, write its files under
+    loss_fn, eval_autocast, out, tb, log), count its decoding failures in the data report, write its files under
     eval/ and its numbers and worst utterances to TensorBoard. Returns its metrics with `info` added. Given
     `baseline` ({set: WER at step 0}, filled at step 0), the metrics hold wer_change_since_step0."""
     cfg = run.cfg
     failures: list = []
     if eval_set_kind(cfg, name) == "longform":
         return longform_and_write(run, name, utts, stem, info, tb_prefix, write_report, failures)
-    metrics, rows = evaluate(run.bundle, utts, cfg, run.device, run.loss_fn, run.autocast, failures)
+    metrics, rows = evaluate(run.bundle, utts, cfg, run.device, run.loss_fn, run.eval_autocast, failures)
     record_decode_failures(run.data, info["data"], {u.id: u for u in utts}, failures, cfg, run.out, run.log,
                            write_report)
     extra, table, worst, errs = analyse(rows, utts, cfg.eval.normalizer)
@@ -210,7 +210,7 @@ def longform_and_write(run, name: str, utts: list[Utterance], stem: str, info: d
     from asr.longform import TSV_COLUMNS, evaluate_longform
 
     cfg = run.cfg
-    metrics, table = evaluate_longform(run.bundle, utts, cfg, run.device, name, run.autocast, failures)
+    metrics, table = evaluate_longform(run.bundle, utts, cfg, run.device, name, run.eval_autocast, failures)
     record_decode_failures(run.data, info["data"], {u.id: u for u in utts}, failures, cfg, run.out, run.log,
                            write_report)
     metrics = {**metrics, **info, "kind": "longform", "max_utterances": cfg.eval.max_utterances}
@@ -390,7 +390,7 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
         loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
         run = SimpleNamespace(cfg=cfg, bundle=bundle, data=data, device=device, out=out, log=log, tb=tb,  # as a Run
                               loss_fn=loss_function(cfg.train, bundle.family), loss_name=loss_name,
-                              autocast=autocast_for(pick_precision(cfg.train.precision, device), device))
+                              eval_autocast=autocast_for(eval_precision(cfg, device, log), device))
         tag, results = decode_tag(cfg.decode), {}
         for k, (name, src, split) in enumerate(eval_set_specs(cfg)):
             info = {"set": name, "split": split, "data": f"{src}/{split}", "step": step, "decode": tag,

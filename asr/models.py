@@ -471,9 +471,10 @@ def loss_step(bundle: Bundle, model: torch.nn.Module, batch: dict, loss_fn, devi
     """One forward pass and its loss, as training and evaluation both run it: (outputs, loss_sum, count).
     `model` is what runs the forward (the bundle's model, or DistributedDataParallel around it); `inputs`
     replace the batch's model inputs (e.g. Whisper's encoder output, computed once for loss and decoding).
-    The forward runs under `autocast`, the loss in the precision the loss function chooses (float32)."""
+    The forward runs under `autocast`; the input features before it and the loss after it in float32."""
+    inputs = inputs if inputs is not None else model_inputs(bundle, batch, device)  # not autocast: exact features
     with autocast():
-        outputs = model(**(inputs if inputs is not None else model_inputs(bundle, batch, device)))
+        outputs = model(**inputs)
     loss_sum, n = loss_fn(outputs, loss_batch(bundle, batch, device))
     return outputs, loss_sum, n
 

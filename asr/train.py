@@ -26,8 +26,8 @@ from asr.augment import enabled as augment_enabled
 from asr.config import Config, ConfigError, to_toml
 from asr.data import AudioDataset, DataError, DurationBatchSampler, Utterance, collate, write_report
 from asr.evaluation import check_scored, evaluate_sets
-from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, export_to, lock_run_dir,
-                            pick_precision, prepare, record_decode_failures, start_run, unlock_run_dir)
+from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, choose_precision,
+                            eval_precision, export_to, lock_run_dir, prepare, record_decode_failures, start_run, unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
 from asr.models import (Bundle, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
                         select_parameters, set_encoder_frozen, uses_layerdrop)
@@ -57,6 +57,7 @@ class Run:
     loss_name: str
     precision: str
     autocast: object
+    eval_autocast: object  # evaluation's (eval.precision)
     tb: object  # SummaryWriter on rank 0, else None
     state: RunState
     saved_names: set | None  # train.save_trainable_only: the parameters checkpoints hold
@@ -203,7 +204,9 @@ def setup(cfg: Config, fresh: bool) -> Run:
     select_parameters(bundle, tc, cfg.lora)
     model = bundle.model.to(device)
     saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
-    precision = pick_precision(tc.precision, device)
+    precision, why = choose_precision(tc.precision, device)
+    log(f"training precision {precision} ({why})")
+    eval_autocast = autocast_for(eval_precision(cfg, device, log), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     skeleton = None
     if tc.parallel == "fsdp" and dist.is_initialized():  # before the optimizer: sharding replaces the parameters
@@ -280,7 +283,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     )) if data.stream is None else sampler.batches(device, dist.loader_worker_init)
     run = Run(cfg, out, log, device, bundle, data, model, forward, dist.is_initialized(), optimizer, scheduler,
               scaler, batches, loss_function(tc, bundle.family), tc.loss or DEFAULT_LOSS[bundle.family],
-              precision, autocast_for(precision, device), tb, state, saved_names, frozen, skeleton=skeleton)
+              precision, autocast_for(precision, device), eval_autocast, tb, state, saved_names, frozen, skeleton=skeleton)
     run.failed = FailedClips(run)
     run.stream = sampler if data.stream is not None else None
     model.train()

@@ -16,12 +16,12 @@ import torch
 from asr.augment import (Augmenter, apply_spec_masks, mask_spans, mix_at_snr, perturbed_samples, speed_factor,
                          speed_perturb)
 from asr.config import AugmentConfig
-from asr.data import AudioDataset, DurationBatchSampler, Labeler, SplitReport, Utterance, collate, filter_utterances
+from asr.data import DurationBatchSampler, Labeler, SplitReport, Utterance, collate, filter_utterances
 from asr.data import DataConfig, load_utterance_audio, read_source_split
 from asr.resume import ResumeError
 from asr.train import train
 
-from helpers import FIXTURE, final_params, read_json, tiny_ctc_config, write_exp
+from helpers import final_params, read_json, tiny_ctc_config, write_exp
 
 
 def fixture_clip() -> torch.Tensor:

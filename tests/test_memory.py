@@ -3,7 +3,6 @@ checked against parameter counts worked out by hand from the tiny configs' sizes
 
 from __future__ import annotations
 
-import pytest
 
 from asr import memory
 from helpers import needs_whisper_base, tiny_ctc_config, tiny_whisper_config, write_exp

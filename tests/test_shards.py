@@ -305,7 +305,7 @@ def test_a_streamed_clip_that_fails_to_decode_is_counted_and_can_stop_the_run(tm
     assert run.main(["--exp", str(write_exp(cfg, tmp_path / "b.toml")), "--fresh", "--set", "train.max_steps=4",
                      "--set", "data.max_failed_fraction=0"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"1 of 32 training clips failed to decode in epoch 1" in err[0] and bad_id[0] in err[0]
+    assert len(err) == 1 and "1 of 32 training clips failed to decode in epoch 1" in err[0] and bad_id[0] in err[0]
 
 
 def test_shards_of_which_no_clip_passes_the_filters_are_one_line(shards):

@@ -9,7 +9,9 @@ subprocess (so peak memory is per side), on the same checkpoint, data, learning 
 batch, steps, gradient-checkpointing setting and seed. Prints a table and writes
 tests/bench/results/vs_hf.json. Ratios are reference / ours (above 1: ours is better),
 except WER, which is reported as is. `--ours-set KEY=VALUE` (repeatable) changes this project's
-side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of oneTBB's.
+side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of oneTBB's, or
+`--ours-set train.precision=bf16` for bf16 autocast on a CPU with native bf16 (the reference stays at its
+fp32 defaults; our FLOP/s are then a fraction of the measured bf16 matmul rate).
 `--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast (tests/gpu/check.sh: whisper-base,
 50 steps) and adds each side's peak GPU memory; the FLOP/s are then a fraction of the GPU's bf16 matmul rate.
 
@@ -271,6 +273,7 @@ def side_ours(args, work: Path) -> dict:
     out["prepare_disk_bytes"] = (out_dir / "data_report.json").stat().st_size  # the only data file written
     log = (out_dir / "train.log").read_text(encoding="utf-8")
     out["step_times"] = [float(x) for x in re.findall(r" ([0-9.]+) s/step", log)]
+    out["precision"] = re.search(r"training precision (\w+)", log).group(1)
     out["train_s"] = sum(out["step_times"])
     before = json.loads((out_dir / "eval" / "step-000000.json").read_text())
     after = next(iter(results["eval"].values()))
@@ -369,7 +372,8 @@ def main() -> None:
     hf = run_side("hf", args)
     ours = run_side("ours", args)
     gpu = args.device == "cuda"
-    machine = matmul_flops_per_s(8192, 10, 5, "cuda", args.precision) if gpu else matmul_flops_per_s()
+    matmul_dtype = args.precision if gpu else ours.get("precision", "fp32")  # bf16 on CPU: our side ran bf16 autocast
+    machine = matmul_flops_per_s(8192, 10, 5, "cuda", matmul_dtype) if gpu else matmul_flops_per_s(dtype=matmul_dtype)
     config = AutoConfig.from_pretrained(args.model)
     from transformers import WhisperTokenizer
 
@@ -407,7 +411,7 @@ def main() -> None:
                 for s, side in (("hf", hf), ("ours", ours))},
         "flops": {"train_flops_per_sample": flops_sample, "mean_label_tokens": mean_tokens,
                   "achieved_flops_per_s": achieved, "machine_matmul_flops_per_s": machine,
-                  "matmul_dtype": args.precision if gpu else "fp32",
+                  "matmul_dtype": matmul_dtype,
                   "fraction_of_matmul_peak": achieved / machine},
         "raw": {"hf": hf, "ours": ours},
     }

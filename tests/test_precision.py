@@ -1,0 +1,115 @@
+"""bf16 on the CPU: autocast forward, float32 weights, features and loss; exact resume; eval.precision; what
+`auto` picks and why."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from asr import experiment
+from asr.models import build, loss_step, model_inputs
+from asr.train import train
+
+from helpers import (final_params, needs_whisper_base, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
+                     tiny_whisper_config)
+
+
+@pytest.mark.parametrize("family", ["ctc", pytest.param("whisper", marks=needs_whisper_base)])
+def test_bf16_cpu_training_is_finite_falls_and_keeps_fp32_weights(tmp_path, family):
+    make = tiny_ctc_config if family == "ctc" else tiny_whisper_config
+    cfg = make(tmp_path / "run", max_steps=8, precision="bf16", save_every=8, schedule="constant", lr=3e-3)
+    cfg.eval.at_start = False
+    cfg.data.sources[0].train = "dev"  # 8 clips, one batch: the same batch every step, so the loss must fall
+    cfg.data.batch_size = 8
+    train(cfg, fresh=True)
+    loss = [v for _, v in scalars(tmp_path / "run")["train/loss"]]
+    assert len(loss) == 8 and all(math.isfinite(v) for v in loss)
+    assert loss[-1] < 0.95 * loss[0], loss
+    params = final_params(tmp_path / "run" / "checkpoints" / "step-000008")
+    assert {v.dtype for v in params.values() if v.is_floating_point()} == {torch.float32}
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "training precision bf16 (train.precision = 'bf16')" in log
+    assert "evaluation precision bf16 (train.precision = 'bf16')" in log
+
+
+@pytest.mark.parametrize("family", ["ctc", pytest.param("whisper", marks=needs_whisper_base)])
+def test_bf16_features_are_computed_in_fp32(tmp_path, family):
+    """Under bf16 autocast the model gets exactly the float32 features (Whisper's log-mel has a matmul that
+    autocast would run in bf16), and the loss is float32."""
+    cfg = (tiny_ctc_config if family == "ctc" else tiny_whisper_config)(tmp_path)
+    from asr.text import CharVocab
+
+    bundle = build(cfg.model, CharVocab.build(["ab c"]), ["tr"])
+    torch.manual_seed(0)
+    audio = torch.randn(2, 16000) * torch.linspace(0.01, 3.0, 16000)
+    labels = torch.tensor([[1, 2, 3], [2, 3, -100]]) if family == "ctc" else \
+        torch.tensor([bundle.prefix_tokens("tr") + [400, 401, 402], bundle.prefix_tokens("tr") + [403, 404, -100]])
+    batch = {"audio": audio, "audio_lengths": torch.tensor([16000, 12000]), "labels": labels,
+             "label_lengths": (labels != -100).sum(1)}
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.update(kwargs)
+
+    bundle.model.register_forward_pre_hook(grab, with_kwargs=True)
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    loss_fn = (lambda out, b: (out.logits.float().logsumexp(-1).sum(), 1))
+    _, loss, _ = loss_step(bundle, bundle.model, batch, loss_fn, torch.device("cpu"), bf16)
+    expected = model_inputs(bundle, batch, torch.device("cpu"))
+    key = "input_features" if family == "whisper" else "input_values"
+    assert seen[key].dtype == torch.float32 and torch.equal(seen[key], expected[key])
+    assert loss.dtype == torch.float32
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    """bf16: 5 steps then 3 more after a resume end with the weights of 8 uninterrupted steps."""
+    def config(out, steps):
+        cfg = tiny_ctc_config(out, max_steps=steps, precision="bf16", schedule="constant", save_every=0)
+        cfg.model.hidden_dropout = cfg.model.mask_time_prob = 0.1
+        cfg.data.batch_size = 4
+        return cfg
+
+    train(config(tmp_path / "a", 8), fresh=True)
+    train(config(tmp_path / "b", 5), fresh=True)
+    train(config(tmp_path / "b", 8))
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text(encoding="utf-8")
+    a = final_params(tmp_path / "a" / "checkpoints" / "step-000008")
+    b = final_params(tmp_path / "b" / "checkpoints" / "step-000008")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("family", ["ctc", pytest.param("whisper", marks=needs_whisper_base)])
+def test_eval_precision(tmp_path, family):
+    """eval.precision: bf16 training evaluated in fp32 scores and transcribes exactly as an fp32 run does (lr 0:
+    the same weights); by default the evaluation runs in the training precision."""
+    make = tiny_ctc_config if family == "ctc" else tiny_whisper_config
+    evals = {}
+    for name, train_p, eval_p in (("fp32", "fp32", ""), ("bf16", "bf16", ""), ("bf16-eval-fp32", "bf16", "fp32")):
+        cfg = same_clips_config(make(tmp_path / name, precision=train_p))
+        cfg.eval.precision = eval_p
+        cfg.eval.at_start = False
+        if family == "whisper":
+            cfg.eval.max_utterances, cfg.decode.max_new_tokens = 3, 6
+        train(cfg, fresh=True)
+        evals[name] = (read_json(tmp_path / name / "eval" / "step-000001.json")["loss"],
+                       [r["hypothesis"] for r in read_tsv(tmp_path / name / "eval" / "step-000001.tsv")])
+    assert evals["bf16-eval-fp32"] == evals["fp32"]
+    assert evals["bf16"][0] != evals["fp32"][0]
+    log = (tmp_path / "bf16-eval-fp32" / "train.log").read_text(encoding="utf-8")
+    assert "evaluation precision fp32 (eval.precision = 'fp32')" in log
+
+
+def test_auto_keeps_fp32_on_cpu_and_says_why(monkeypatch):
+    from asr.experiment import choose_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(experiment, "cpu_bf16_flags", lambda: ["avx512_bf16"])
+    precision, why = choose_precision("auto", cpu)
+    assert precision == "fp32" and "avx512_bf16" in why and "'bf16'" in why
+    monkeypatch.setattr(experiment, "cpu_bf16_flags", lambda: [])
+    assert choose_precision("auto", cpu) == ("fp32", "train.precision = 'auto' on a CPU without native bf16")
+    assert choose_precision("bf16", cpu) == ("bf16", "train.precision = 'bf16'")
+    assert re.fullmatch(r"[a-z0-9_]*", "".join(experiment.cpu_bf16_flags()))
