@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+from benchlib import write_result  # noqa: E402 (tests/bench is the script's folder: on sys.path)
 
 
 def best_rate(fn, items, rounds: int) -> float:
@@ -60,10 +60,7 @@ def main() -> None:
                                                   args.rounds),
         "soundfile_read_clips_per_s": best_rate(lambda p: sf.read(p, dtype="float32"), paths, args.rounds),
     }
-    for key, value in result.items():
-        print(f"{key:32s} {value:.1f}" if isinstance(value, float) else f"{key:32s} {value}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(result, args.out, digits=1)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from benchlib import shared_args  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -320,9 +321,7 @@ def run_side(side: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "whisper-base"))
-    ap.add_argument("--cv", default=str(ROOT.parent / "shared" / "data" / "synth-cv" / "tr"))
-    ap.add_argument("--lang", default="tr")
+    shared_args(ap)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-5)

@@ -12,13 +12,13 @@ each figure is the best of --rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from benchlib import shared_args, write_result  # noqa: E402
 
 
 def best_time(fn, rounds: int) -> tuple[float, object]:
@@ -32,9 +32,7 @@ def best_time(fn, rounds: int) -> tuple[float, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "whisper-base"))
-    ap.add_argument("--cv", default=str(ROOT.parent / "shared" / "data" / "synth-cv" / "tr"))
-    ap.add_argument("--lang", default="tr")
+    shared_args(ap)
     ap.add_argument("--clips", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=225)
@@ -83,10 +81,7 @@ def main() -> None:
     D.whisper_generation_config = plain
     for key in texts:
         result["same_as_fp32_" + "_".join(key)] = sum(a == b for a, b in zip(texts[key], texts["fp32", "dynamic"]))
-    for key, value in result.items():
-        print(f"{key:32s} {value:.2f}" if isinstance(value, float) else f"{key:32s} {value}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":
