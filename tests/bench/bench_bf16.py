@@ -21,14 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT.parent / "shared"
+from benchlib import ROOT, shared_args  # tests/bench is the script's folder: on sys.path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(SHARED / "models" / "whisper-base"))
-    ap.add_argument("--cv", default=str(SHARED / "data" / "synth-cv" / "tr"))
+    shared_args(ap)
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 100])
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -48,7 +46,7 @@ def main() -> None:
                    "--set", f"run.out_dir={out}", "--set", f"run.seed={args.seed}",
                    "--set", f"model.name={Path(args.model).resolve()}",
                    "--set", f'data.sources=[{{kind = "common_voice", path = "{Path(args.cv).resolve()}", '
-                            f'language = "tr", train = "train", dev = "test"}}]',
+                            f'language = "{args.lang}", train = "train", dev = "test"}}]',
                    "--set", f"data.batch_size={args.batch}", "--set", f"train.max_steps={steps}",
                    "--set", "train.schedule=constant", "--set", f"train.warmup_steps={args.warmup}",
                    "--set", f"train.lr={args.lr}", "--set", f"train.precision={precision}",
