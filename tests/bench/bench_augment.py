@@ -12,6 +12,9 @@ Part 2, Whisper base fine-tuned `--whisper-steps` steps without and with SpecAug
 features (time masks 0.05 x 10 frames, at least 2; mel masks 0.05 x 10 channels), scored on the first
 `--whisper-eval-limit` test clips (0: all 150). `--whisper-steps 0` skips it.
 Writes tests/bench/results/augment.json (with the settings, so a reduced run says it is one).
+The parts can run as separate processes (e.g. one seed each, `OMP_NUM_THREADS=1`) and be combined:
+
+    python tests/bench/bench_augment.py --merge seed0.json seed1.json seed2.json whisper.json
 """
 
 from __future__ import annotations
@@ -75,7 +78,7 @@ def ctc_run(args, seed: int, setting: str, work: Path, noise: Path) -> dict:
     extra = [o.replace("{noise}", str(noise)) for o in CTC_SETTINGS[setting]]
     cfg = load_config(None, base_overrides(run_args, out) + [
         "data.cache_audio=true", "eval.at_start=false", "preflight.enabled=false", "train.log_every=10",
-        f"train.schedule={args.schedule}"] + extra)
+        f"train.schedule={args.schedule}"] + args.ctc_set + extra)
     t = time.perf_counter()
     results = T.train(cfg, fresh=True)
     wall = time.perf_counter() - t
@@ -84,7 +87,7 @@ def ctc_run(args, seed: int, setting: str, work: Path, noise: Path) -> dict:
     return {"setting": setting, "seed": seed, "cer": m["cer"], "wer": m["wer"], "test_loss": m["loss"], "n": m["n"],
             "final_train_loss": results["train_loss"][-1][1] if results["train_loss"] else None,
             "train_audio_s_per_s": results["train_audio_s_per_s"], "s_per_step": statistics.median(steps[1:] or steps),
-            "wall_s": wall}
+            "wall_s": wall, "precision": cfg.train.precision, "threads": torch_threads()}
 
 
 def whisper_run(args, setting: str, work: Path) -> dict:
@@ -102,14 +105,44 @@ def whisper_run(args, setting: str, work: Path) -> dict:
         f"train.save_every={args.whisper_steps}", "train.keep_last=1", "eval.split=test",
         f"eval.max_utterances={args.whisper_eval_limit}", "eval.batch_size=16", "eval.at_start=false",
         "decode.max_new_tokens=64", "preflight.enabled=false",
-    ] + WHISPER_SETTINGS[setting])
+    ] + args.whisper_set + WHISPER_SETTINGS[setting])
     t = time.perf_counter()
     results = T.train(cfg, fresh=True)
     wall = time.perf_counter() - t
     m = next(iter(results["eval"].values()))
     steps = [float(x) for x in re.findall(r" ([0-9.]+) s/step", (out / "train.log").read_text(encoding="utf-8"))]
     return {"setting": setting, "wer": m["wer"], "wer_ortho": m["wer_ortho"], "cer": m["cer"], "n": m["n"],
-            "s_per_step": statistics.median(steps[1:] or steps), "wall_s": wall}
+            "s_per_step": statistics.median(steps[1:] or steps), "wall_s": wall, "precision": cfg.train.precision,
+            "threads": torch_threads()}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def merge(args) -> None:
+    """Combine result files of separate processes (seeds, the Whisper part) into one, with their settings."""
+    parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.merge]
+    out = {"merged_from": [{"file": str(p), "settings": d["settings"], "note": d.get("note")}
+                           for p, d in zip(args.merge, parts)],
+           "full_size": FULL, "noise_files": parts[0]["noise_files"],
+           "ctc": {"runs": [r for d in parts for r in d["ctc"]["runs"]]},
+           "whisper": {"runs": [r for d in parts for r in d["whisper"]["runs"]]}}
+    ctc = out["ctc"]["runs"]
+    whisper_steps = {d["settings"]["whisper_steps"] for d in parts if d["whisper"]["runs"]}
+    seeds = {s: sorted(r["seed"] for r in ctc if r["setting"] == s) for s in CTC_SETTINGS}
+    out["reduced"] = (any(seeds[s] != FULL["seeds"] for s in CTC_SETTINGS)
+                      or any(d["settings"]["steps"] < FULL["steps"] for d in parts if d["ctc"]["runs"])
+                      or sorted(r["setting"] for r in out["whisper"]["runs"]) != sorted(WHISPER_SETTINGS)
+                      or any(w < FULL["whisper_steps"] for w in whisper_steps))
+    out["ctc"]["summary"] = summarise(ctc)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(out["ctc"]["summary"], indent=1))
+    for r in out["whisper"]["runs"]:
+        print(f"whisper {r['setting']}: WER {r['wer']:.2f} CER {r['cer']:.2f}")
+    print(f"reduced: {out['reduced']}")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -126,7 +159,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cv", default=str(SHARED / "data" / "synth-cv" / "tr"))
     ap.add_argument("--steps", type=int, default=FULL["steps"])
-    ap.add_argument("--seeds", type=int, nargs="+", default=FULL["seeds"])
+    ap.add_argument("--seeds", type=int, nargs="*", default=FULL["seeds"], help="none: skip the CTC part")
     ap.add_argument("--settings", nargs="+", default=list(CTC_SETTINGS), choices=list(CTC_SETTINGS))
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -138,8 +171,16 @@ def main() -> None:
     ap.add_argument("--whisper-lr", type=float, default=1e-5)
     ap.add_argument("--whisper-eval-limit", type=int, default=FULL["whisper_eval_limit"])
     ap.add_argument("--work", default="/tmp/asr-bench-augment")
+    ap.add_argument("--ctc-set", action="append", default=["train.precision=fp32"], metavar="KEY=VALUE",
+                    help="extra override for every CTC run (default: fp32, the precision of the seed-0 run)")
+    ap.add_argument("--whisper-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra override for both Whisper runs (e.g. train.precision=bf16)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="run nothing: combine the runs of these result files into --out")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "augment.json"))
     args = ap.parse_args()
+    if args.merge:
+        return merge(args)
 
     work = Path(args.work)
     noise = work / "noise"
