@@ -165,6 +165,9 @@ class TrainConfig:
     # process (world size 1) fsdp has nothing to shard: the whole model trains there, its checkpoints keep the
     # sharded format.
     parallel: str = "ddp"
+    # torch.compile (inductor) the training forward: the first steps take the compilation (minutes), later ones
+    # run the compiled graph; a CPU run needs a C++ compiler (g++, or $CXX). Evaluation runs uncompiled.
+    compile: bool = False
     loss: str = ""  # a loss of asr.losses.LOSSES for the model's family; "" picks the family's default
     loss_args: dict[str, bool | int | float | str] = field(default_factory=dict)  # its keyword arguments
     log_every: int = 10

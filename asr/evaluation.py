@@ -390,7 +390,7 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
         loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
         run = SimpleNamespace(cfg=cfg, bundle=bundle, data=data, device=device, out=out, log=log, tb=tb,  # as a Run
                               loss_fn=loss_function(cfg.train, bundle.family), loss_name=loss_name,
-                              eval_autocast=autocast_for(eval_precision(cfg, device, log), device))
+                              eval_autocast=autocast_for(eval_precision(cfg, device, log, bundle.family), device))
         tag, results = decode_tag(cfg.decode), {}
         for k, (name, src, split) in enumerate(eval_set_specs(cfg)):
             info = {"set": name, "split": split, "data": f"{src}/{split}", "step": step, "decode": tag,

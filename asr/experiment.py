@@ -234,27 +234,31 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 
-def choose_precision(name: str, device: torch.device, key: str = "train.precision") -> tuple[str, str]:
-    """(precision, why) for setting `key` = `name` on `device`. `auto`: bf16 (fp16 without bf16) on CUDA; fp32
-    on the CPU, even one with native bf16, where bf16 is an option: it runs the Whisper base step about 2x
-    faster there and matched fp32's WER after 20 and 100 steps on one seed (README, "Benchmarks"), too little
-    evidence yet to change every CPU user's default."""
+def choose_precision(name: str, device: torch.device, key: str = "train.precision", *,
+                     family: str) -> tuple[str, str]:
+    """(precision, why) for setting `key` = `name` on `device` for a model of `family` (whisper | ctc). `auto`:
+    bf16 (fp16 without bf16) on CUDA; on a CPU with native bf16 (avx512_bf16, amx_bf16), bf16 for Whisper, whose
+    step it runs about 2x faster with WER within 0.6 points of fp32 after 20 and 100 steps (bench_bf16, README
+    "Benchmarks"), and fp32 for CTC models, whose accuracy under bf16 is not yet measured; else fp32."""
     if name != "auto":
         return name, f"{key} = {name!r}"
     if device.type == "cuda":
         bf16 = torch.cuda.is_bf16_supported()
         return ("bf16", f"{key} = 'auto' on CUDA with bf16") if bf16 else ("fp16", f"{key} = 'auto' on CUDA without bf16")
     flags = cpu_bf16_flags()
-    if flags:
-        return "fp32", (f"{key} = 'auto' on the CPU; it has native bf16 ({', '.join(flags)}): set 'bf16' for faster "
-                        f"steps (WER matched fp32 on one seed so far; not yet auto's choice)")
-    return "fp32", f"{key} = 'auto' on a CPU without native bf16"
+    if not flags:
+        return "fp32", f"{key} = 'auto' on a CPU without native bf16"
+    if family == "whisper":
+        return "bf16", (f"{key} = 'auto' on a CPU with native bf16 ({', '.join(flags)}); set 'fp32' for "
+                        f"full precision")
+    return "fp32", (f"{key} = 'auto' for a CTC model on the CPU: its accuracy under bf16 is not yet measured; "
+                    f"this CPU has native bf16 ({', '.join(flags)}): set 'bf16' for faster steps")
 
 
-def eval_precision(cfg: Config, device: torch.device, log) -> str:
+def eval_precision(cfg: Config, device: torch.device, log, family: str) -> str:
     """The precision of evaluation and decoding: eval.precision, else train.precision; logged with why."""
     key = "eval.precision" if cfg.eval.precision else "train.precision"
-    precision, why = choose_precision(cfg.eval.precision or cfg.train.precision, device, key)
+    precision, why = choose_precision(cfg.eval.precision or cfg.train.precision, device, key, family=family)
     log(f"evaluation precision {precision} ({why})")
     return precision
 

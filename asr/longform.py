@@ -117,10 +117,11 @@ def align_boundaries(true: list[tuple[float, float]], pred: list[tuple[float, fl
 
 @torch.no_grad()
 def transcribe_long(bundle, audio: torch.Tensor, language: str, device, max_new_tokens: int,
-                    num_beams: int = 1) -> tuple[str, list[tuple[float, float]], list[list[int]]]:
+                    num_beams: int = 1, autocast=nullcontext) -> tuple[str, list[tuple[float, float]], list[list[int]]]:
     """One recording (N,) through transformers' long-form `generate` (return_timestamps=True: sequential
     30 s windows moved by the predicted timestamps): (text, predicted segments (start, end) in s, the
-    generated tokens of each window)."""
+    generated tokens of each window). `generate` runs under `autocast`; the log-mel features before it in
+    float32."""
     model, tok = bundle.model, bundle.tokenizer
     feats = bundle.processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt",
                                                truncation=False, padding="longest", return_attention_mask=True)
@@ -128,9 +129,10 @@ def transcribe_long(bundle, audio: torch.Tensor, language: str, device, max_new_
         feats = bundle.processor.feature_extractor(audio.numpy(), sampling_rate=16000, return_tensors="pt",
                                                    return_attention_mask=True)
     code = bundle.whisper_language(language)
-    out = model.generate(feats.input_features.to(device), attention_mask=feats.attention_mask.to(device),
-                         return_timestamps=True, return_segments=True, language=code, task=bundle.cfg.task,
-                         max_new_tokens=max_new_tokens, num_beams=num_beams)
+    with autocast():
+        out = model.generate(feats.input_features.to(device), attention_mask=feats.attention_mask.to(device),
+                             return_timestamps=True, return_segments=True, language=code, task=bundle.cfg.task,
+                             max_new_tokens=max_new_tokens, num_beams=num_beams)
     segments = out["segments"][0] if isinstance(out, dict) else []
     sequences = out["sequences"] if isinstance(out, dict) else out
     windows: dict[int, list[int]] = {}
@@ -165,9 +167,8 @@ def evaluate_longform(bundle, utts: list[Utterance], cfg, device, name: str, aut
         if not rec.segments:
             rows.append((rec.id, rec.language, 0.0, rec.reference, "", [], [], [], rec.failed))
             continue
-        with (autocast or nullcontext)():
-            hyp, pred, windows = transcribe_long(bundle, rec.audio.cpu(), rec.language, device,
-                                                 cfg.decode.max_new_tokens, num_beams)
+        hyp, pred, windows = transcribe_long(bundle, rec.audio.cpu(), rec.language, device,
+                                             cfg.decode.max_new_tokens, num_beams, autocast or nullcontext)
         valid = [window_valid(w, begin, eos) for w in windows]
         rows.append((rec.id, rec.language, rec.audio.shape[0] / cfg.data.sample_rate, rec.reference, hyp,
                      valid, align_boundaries(rec.segments, pred), [len(rec.segments), len(pred)], rec.failed))

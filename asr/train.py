@@ -29,7 +29,7 @@ from asr.evaluation import check_scored, evaluate_sets
 from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, choose_precision,
                             eval_precision, export_to, lock_run_dir, prepare, record_decode_failures, start_run, unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
-from asr.models import (Bundle, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
+from asr.models import (Bundle, infer_family, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
                         select_parameters, set_encoder_frozen, uses_layerdrop)
 from asr.optim import make_optimizer, make_scheduler
 from asr.resume import (ResumeError, RunState, check_resume, check_settings, checkpoint_state, load_newest, restore,
@@ -197,6 +197,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     newest checkpoint that verifies (partial ones removed, corrupt ones renamed aside), with this run's
     settings where they changed."""
     device, out, log = start_run(cfg, fresh)
+    check_compile(cfg, device)
     bundle, data = prepare(cfg, out, log)
     if not data.train and data.stream is None:
         raise TrainingError(f"no training utterances left after filtering (see {out / 'data_report.json'})")
@@ -204,9 +205,9 @@ def setup(cfg: Config, fresh: bool) -> Run:
     select_parameters(bundle, tc, cfg.lora)
     model = bundle.model.to(device)
     saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
-    precision, why = choose_precision(tc.precision, device)
+    precision, why = choose_precision(tc.precision, device, family=bundle.family)
     log(f"training precision {precision} ({why})")
-    eval_autocast = autocast_for(eval_precision(cfg, device, log), device)
+    eval_autocast = autocast_for(eval_precision(cfg, device, log, bundle.family), device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     skeleton = None
     if tc.parallel == "fsdp" and dist.is_initialized():  # before the optimizer: sharding replaces the parameters
@@ -270,7 +271,7 @@ def setup(cfg: Config, fresh: bool) -> Run:
     frozen = cfg.model.freeze_encoder_steps > state.step
     if frozen:
         set_encoder_frozen(bundle, True)
-    forward = model if skeleton is not None else wrap(model, device)
+    forward = forward_module(model, device, skeleton, tc.compile)
     if rng is not None:  # last, so set-up cannot consume randomness after it
         ckpt.set_rng_state(rng[dist.rank()] if dist.rank() < len(rng) else rng[0])
     if tb and augmenter and state.step == 0:
@@ -289,7 +290,8 @@ def setup(cfg: Config, fresh: bool) -> Run:
     model.train()
     log(f"training {bundle.family} model: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{len(data.train) or data.stream.rows} utterances, device {device}, precision {precision}, "
-        f"world size {dist.world_size()}")
+        f"world size {dist.world_size()}" + ("; forward compiled (train.compile: the first steps include the "
+                                             "compilation)" if tc.compile else ""))
     return run
 
 
@@ -346,6 +348,34 @@ def timestamp_samples(cfg: Config, bundle: Bundle, utts: list):
     return TimestampSamples(utts, bundle.tokenizer, prefixes, cfg.data, cfg.run.seed, limit)
 
 
+def forward_module(model: torch.nn.Module, device: torch.device, skeleton, compile: bool):
+    """What runs the training forward: the model (FSDP shards it in place), DistributedDataParallel around it
+    under torchrun; `torch.compile`d (inductor) with train.compile. Evaluation and checkpoints use the model."""
+    forward = model if skeleton is not None else wrap(model, device)
+    if not compile:
+        return forward
+    return torch.compile(forward)
+
+
+def check_compile(cfg: Config, device: torch.device) -> None:
+    """train.compile: a ConfigError for a CTC model, and on the CPU without a C++ compiler for inductor ($CXX,
+    default g++)."""
+    import os
+    import shutil
+
+    if not cfg.train.compile:
+        return
+    if infer_family(cfg.model) == "ctc":
+        # torch 2.9, CPU: the compiled backward of Wav2Vec2 with clips of varying length failed a stride check
+        # ("expected size 4==4, stride 3008==3072 at dim=0"), also with dynamic=True.
+        raise ConfigError("train.compile: not available for CTC models yet (inductor's compiled backward fails "
+                          "on clips of varying length with torch 2.9); set train.compile = false")
+    cxx = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and not shutil.which(cxx):
+        raise ConfigError(f"train.compile: torch.compile on the CPU needs a C++ compiler and '{cxx}' is not on "
+                          f"PATH; install g++ (or set CXX), or set train.compile = false")
+
+
 def wrap(model: torch.nn.Module, device: torch.device):
     """DistributedDataParallel when launched with torchrun, else the model itself."""
     if not dist.is_initialized():
@@ -369,7 +399,7 @@ def check_layer_drop(model: torch.nn.Module) -> None:
 def unfreeze_when_due(run: Run) -> None:
     if run.frozen and run.state.step >= run.cfg.model.freeze_encoder_steps:
         set_encoder_frozen(run.bundle, False)
-        run.forward, run.frozen = run.model if run.skeleton is not None else wrap(run.model, run.device), False
+        run.forward, run.frozen = forward_module(run.model, run.device, run.skeleton, run.cfg.train.compile), False
         run.log(f"step {run.state.step}: encoder unfrozen")
 
 

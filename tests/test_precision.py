@@ -102,14 +102,37 @@ def test_eval_precision(tmp_path, family):
     assert "evaluation precision fp32 (eval.precision = 'fp32')" in log
 
 
-def test_auto_keeps_fp32_on_cpu_and_says_why(monkeypatch):
+def test_auto_on_cpu_picks_by_native_bf16_and_model_family_and_says_why(monkeypatch):
     from asr.experiment import choose_precision
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(experiment, "cpu_bf16_flags", lambda: ["avx512_bf16"])
-    precision, why = choose_precision("auto", cpu)
-    assert precision == "fp32" and "avx512_bf16" in why and "'bf16'" in why
+    precision, why = choose_precision("auto", cpu, family="whisper")
+    assert precision == "bf16" and "avx512_bf16" in why and "'fp32'" in why
+    precision, why = choose_precision("auto", cpu, "eval.precision", family="ctc")
+    assert precision == "fp32" and why.startswith("eval.precision = 'auto' for a CTC model") and "'bf16'" in why
     monkeypatch.setattr(experiment, "cpu_bf16_flags", lambda: [])
-    assert choose_precision("auto", cpu) == ("fp32", "train.precision = 'auto' on a CPU without native bf16")
-    assert choose_precision("bf16", cpu) == ("bf16", "train.precision = 'bf16'")
+    for family in ("whisper", "ctc"):
+        assert choose_precision("auto", cpu, family=family) == (
+            "fp32", "train.precision = 'auto' on a CPU without native bf16")
+    assert choose_precision("bf16", cpu, family="ctc") == ("bf16", "train.precision = 'bf16'")
+    assert choose_precision("fp32", cpu, family="whisper") == ("fp32", "train.precision = 'fp32'")
     assert re.fullmatch(r"[a-z0-9_]*", "".join(experiment.cpu_bf16_flags()))
+
+
+@pytest.mark.parametrize("family", ["ctc", "whisper"])
+def test_a_default_run_trains_and_evaluates_in_autos_choice_for_its_family(tmp_path, family):
+    """The default (`auto`) through a real run: the family reaches choose_precision for training and evaluation
+    (on this machine: bf16 for Whisper where the CPU has native bf16, else fp32)."""
+    from asr.experiment import choose_precision
+
+    make = tiny_ctc_config if family == "ctc" else tiny_whisper_config
+    cfg = make(tmp_path / "run", max_steps=1)
+    assert cfg.train.precision == "auto" and cfg.eval.precision == ""
+    cfg.eval.max_utterances, cfg.decode.max_new_tokens = 2, 4
+    train(cfg, fresh=True)
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    precision, why = choose_precision("auto", torch.device("cpu"), family=family)
+    assert f"training precision {precision} ({why})" in log
+    assert f"evaluation precision {precision} ({why})" in log
+    assert precision == ("bf16" if family == "whisper" and experiment.cpu_bf16_flags() else "fp32")

@@ -10,9 +10,10 @@ batch, steps, gradient-checkpointing setting and seed. Prints a table and writes
 tests/bench/results/vs_hf.json. Ratios are reference / ours (above 1: ours is better),
 except WER, which is reported as is. `--ours-set KEY=VALUE` (repeatable) changes this project's
 side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of oneTBB's, or
-`--ours-set train.precision=bf16` for bf16 autocast on a CPU with native bf16 (the reference stays at its
-fp32 defaults; our FLOP/s are then a fraction of the measured bf16 matmul rate).
-`--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast (tests/gpu/check.sh: whisper-base,
+`--ours-set train.precision=fp32` for float32 throughout. By default each side runs at its own default
+precision: the reference in fp32 (the Trainer's default), ours at `train.precision = "auto"` (bf16 autocast on
+a CPU with native bf16; our FLOP/s are then a fraction of the measured bf16 matmul rate).
+`--precision` sets both sides; `--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast (tests/gpu/check.sh: whisper-base,
 50 steps) and adds each side's peak GPU memory; the FLOP/s are then a fraction of the GPU's bf16 matmul rate.
 
 The reference decodes audio with soundfile and resamples each clip with torchaudio inside
@@ -227,7 +228,7 @@ def ours_config(args, out_dir: Path):
 
     return load_config(None, [
         f"run.out_dir={out_dir}", f"run.seed={args.seed}", f"model.name={args.model}", f"run.device={args.device}",
-        f"train.precision={args.precision}",
+        f"train.precision={'auto' if args.precision == 'defaults' else args.precision}",
         f"data.sources=[{{kind = \"common_voice\", path = \"{args.cv}\", language = \"{args.lang}\", "
         f"train = \"train\", dev = \"dev\", test = \"test\"}}]",
         f"data.batch_size={args.batch}", "data.max_batch_s=0", f"data.num_workers={args.workers}",
@@ -335,8 +336,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=225)
     ap.add_argument("--workers", type=int, default=1, help="data loader workers for our side")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="both sides (default cpu)")
-    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                    help="both sides: autocast dtype (default fp32)")
+    ap.add_argument("--precision", choices=("defaults", "fp32", "bf16", "fp16"), default="defaults",
+                    help="both sides: autocast dtype (default: each side's own, the reference fp32, ours auto)")
     ap.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                     help="a config override for this project's side only, e.g. run.allocator=system")
     ap.add_argument("--work", default="/tmp/asr-bench-vs-hf")
@@ -371,7 +372,7 @@ def main() -> None:
     hf = run_side("hf", args)
     ours = run_side("ours", args)
     gpu = args.device == "cuda"
-    matmul_dtype = args.precision if gpu else ours.get("precision", "fp32")  # bf16 on CPU: our side ran bf16 autocast
+    matmul_dtype = ours.get("precision", "fp32")  # the precision our side's log says it trained in
     machine = matmul_flops_per_s(8192, 10, 5, "cuda", matmul_dtype) if gpu else matmul_flops_per_s(dtype=matmul_dtype)
     config = AutoConfig.from_pretrained(args.model)
     from transformers import WhisperTokenizer
