@@ -156,7 +156,8 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_accum: int = 1
     clip_grad: float = 1.0  # 0 disables clipping
-    # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA, fp32 on CPU). bf16/fp16 autocast the forward; the
+    # auto | fp32 | bf16 | fp16 (auto: bf16/fp16 on CUDA; on a CPU with native bf16, bf16 for Whisper and fp32
+    # for CTC; else fp32). bf16/fp16 autocast the forward; the
     # weights, optimizer state, input features and loss stay float32 (fp16 adds a gradient scaler).
     precision: str = "auto"
     # Under torchrun: ddp replicates the model on every rank (DistributedDataParallel); fsdp shards parameters,
