@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 SHARED = ROOT.parent / "shared"
 
+from benchlib import trained_precision  # noqa: E402
+
 CTC_SETTINGS = {
     "none": [],
     "speed": ["augment.speed=[0.9, 1.0, 1.1]"],
@@ -83,11 +85,12 @@ def ctc_run(args, seed: int, setting: str, work: Path, noise: Path) -> dict:
     results = T.train(cfg, fresh=True)
     wall = time.perf_counter() - t
     m = next(iter(results["eval"].values()))
-    steps = [float(x) for x in re.findall(r" ([0-9.]+) s/step", (out / "train.log").read_text(encoding="utf-8"))]
+    log = (out / "train.log").read_text(encoding="utf-8")
+    steps = [float(x) for x in re.findall(r" ([0-9.]+) s/step", log)]
     return {"setting": setting, "seed": seed, "cer": m["cer"], "wer": m["wer"], "test_loss": m["loss"], "n": m["n"],
             "final_train_loss": results["train_loss"][-1][1] if results["train_loss"] else None,
             "train_audio_s_per_s": results["train_audio_s_per_s"], "s_per_step": statistics.median(steps[1:] or steps),
-            "wall_s": wall, "precision": cfg.train.precision, "threads": torch_threads()}
+            "wall_s": wall, "precision": trained_precision(log), "threads": torch_threads()}
 
 
 def whisper_run(args, setting: str, work: Path) -> dict:
@@ -110,9 +113,10 @@ def whisper_run(args, setting: str, work: Path) -> dict:
     results = T.train(cfg, fresh=True)
     wall = time.perf_counter() - t
     m = next(iter(results["eval"].values()))
-    steps = [float(x) for x in re.findall(r" ([0-9.]+) s/step", (out / "train.log").read_text(encoding="utf-8"))]
+    log = (out / "train.log").read_text(encoding="utf-8")
+    steps = [float(x) for x in re.findall(r" ([0-9.]+) s/step", log)]
     return {"setting": setting, "wer": m["wer"], "wer_ortho": m["wer_ortho"], "cer": m["cer"], "n": m["n"],
-            "s_per_step": statistics.median(steps[1:] or steps), "wall_s": wall, "precision": cfg.train.precision,
+            "s_per_step": statistics.median(steps[1:] or steps), "wall_s": wall, "precision": trained_precision(log),
             "threads": torch_threads()}
 
 

@@ -13,8 +13,8 @@ side only, e.g. `--ours-set run.allocator=system` for glibc's malloc instead of 
 `--ours-set train.precision=fp32` for float32 throughout. By default each side runs at its own default
 precision: the reference in fp32 (the Trainer's default), ours at `train.precision = "auto"` (bf16 autocast on
 a CPU with native bf16; our FLOP/s are then a fraction of the measured bf16 matmul rate).
-`--precision` sets both sides; `--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast (tests/gpu/check.sh: whisper-base,
-50 steps) and adds each side's peak GPU memory; the FLOP/s are then a fraction of the GPU's bf16 matmul rate.
+`--precision` sets both sides; `--device cuda --precision bf16` runs both sides on the GPU in bf16 autocast
+(tests/gpu/check.sh: whisper-base, 50 steps) and adds each side's peak GPU memory; the FLOP/s are then a fraction of the GPU's bf16 matmul rate.
 
 The reference decodes audio with soundfile and resamples each clip with torchaudio inside
 `.map`: datasets' own `Audio(sampling_rate=16000)` decoding needs torchcodec and a system
@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from benchlib import shared_args  # noqa: E402
+from benchlib import shared_args, trained_precision  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -275,7 +275,7 @@ def side_ours(args, work: Path) -> dict:
     out["prepare_disk_bytes"] = (out_dir / "data_report.json").stat().st_size  # the only data file written
     log = (out_dir / "train.log").read_text(encoding="utf-8")
     out["step_times"] = [float(x) for x in re.findall(r" ([0-9.]+) s/step", log)]
-    out["precision"] = re.search(r"training precision (\w+)", log).group(1)
+    out["precision"] = trained_precision(log)
     out["train_s"] = sum(out["step_times"])
     before = json.loads((out_dir / "eval" / "step-000000.json").read_text())
     after = next(iter(results["eval"].values()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,3 +24,8 @@ def write_result(result: dict, out: str | Path, digits: int = 2) -> None:
         print(f"{key:32s} {value:.{digits}f}" if isinstance(value, float) else f"{key:32s} {value}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=1))
+
+
+def trained_precision(log: str) -> str:
+    """The precision a run's train.log says it trained in (what `auto` resolved to)."""
+    return re.search(r"training precision (\w+)", log).group(1)
