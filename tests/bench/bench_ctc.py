@@ -78,10 +78,12 @@ def side_ours(args, work: Path) -> dict:
     padded = sum(len(b) * max(b) for b in batches)
     m = next(iter(results["eval"].values()))
     from asr.allocator import tbb_active
+    from benchlib import trained_precision
 
     return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
             "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real, "wall_s": wall,
-            "allocator": "tbb" if tbb_active() else cfg.run.allocator}
+            "allocator": "tbb" if tbb_active() else cfg.run.allocator, "precision": trained_precision(log),
+            "batch_shapes": [[len(b), round(max(b) * 16000)] for b in batches]}
 
 
 def side_hf(args, work: Path) -> dict:
@@ -183,7 +185,8 @@ def side_hf(args, work: Path) -> dict:
     real = sum(sum(b) for b in batches)
     padded = sum(len(b) * max(b) for b in batches)
     return {"step_times": step_times, "padding_fraction": 1 - real / padded, "cer": m["cer"], "wer": m["wer"],
-            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real / 16000, "wall_s": wall}
+            "mean_batch_clips": statistics.mean(len(b) for b in batches), "audio_s": real / 16000, "wall_s": wall,
+            "batch_shapes": [[len(b), max(b)] for b in batches]}
 
 
 def main() -> None:
