@@ -9,7 +9,9 @@ per step (ours: duration-bucketed batches, `data.batch_size` with no seconds cap
 seconds per step, training throughput in seconds of real (unpadded) audio per second, the
 padding fraction of input samples over the batches each side trained on, and CER on the
 evaluation split after training (both scored with this project's greedy decoder and
-metrics). `--ours-set KEY=VALUE` (repeatable) changes this project's side only. Writes
+metrics), and each side's training FLOP/s (torch's FlopCounterMode count of the padded batches over
+the timed steps) as a fraction of this machine's matmul rate in the precision that side trained in.
+`--ours-set KEY=VALUE` (repeatable) changes this project's side only. Writes
 tests/bench/results/ctc.json.
 """
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from benchlib import matmul_flops_per_s  # noqa: E402 (tests/bench is the script's folder: on sys.path)
 
 MODEL = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=256, conv_dim=[64] * 7)
 
@@ -49,6 +52,56 @@ def base_overrides(args, out_dir: Path) -> list[str]:
         "train.schedule=linear", "train.log_every=1", "train.eval_every=0", f"train.save_every={args.steps}",
         "train.keep_last=1", "train.clip_grad=1.0", f"eval.split={args.eval_split}", "eval.batch_size=16",
     ] + model_overrides()
+
+
+def train_flops(shapes: list[list[int]], vocab_size: int) -> float:
+    """Forward + backward FLOPs (matmuls and convolutions, as torch's FlopCounterMode counts them) of the model on
+    batches of `shapes` ([clips, padded samples] per step). Counted on the CPU at four lengths for one clip; a*N + b*N^2
+    fits them to 0.1% (the attention is the N^2 term); a batch is `clips` times that."""
+    import numpy as np
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from asr.config import load_config
+    from asr.models import build, model_inputs
+
+    class Vocab:  # what build() reads of a vocabulary
+        blank = 0
+
+        def __len__(self):
+            return vocab_size
+
+    bundle = build(load_config(None, model_overrides()).model, Vocab())
+    longest = max(n for _, n in shapes)
+    lengths = np.linspace(16000, max(longest, 32000), 4).round()
+    counts = []
+    for n in lengths:
+        batch = {"audio": torch.randn(1, int(n)), "audio_lengths": torch.tensor([int(n)])}
+        with FlopCounterMode(display=False) as counter:
+            out = bundle.model(**model_inputs(bundle, batch, torch.device("cpu")))
+            out.logits.float().log_softmax(-1).sum().backward()
+        counts.append(counter.get_total_flops())
+    a, b = np.linalg.lstsq(np.stack([lengths, lengths**2], 1), np.array(counts, float), rcond=None)[0]
+    return float(sum(clips * (a * n + b * n * n) for clips, n in shapes))
+
+
+def add_flops(results: dict, args) -> dict:
+    """Each side's achieved FLOP/s over its timed steps (on padded shapes: the work done) and its fraction of the
+    matmul rate in that side's precision (the Trainer's: fp32 on the CPU), measured here, after the sides, on an
+    otherwise idle machine. Returns the rates measured, by precision."""
+    vocab_size = len(json.loads((Path(args.work) / "hf" / "vocab.json").read_text(encoding="utf-8")))
+    peaks = {}
+    for side in ("hf", "ours"):
+        r = results[side]
+        precision = r.get("precision", "fp32")
+        if precision not in peaks:
+            peaks[precision] = matmul_flops_per_s(dtype=precision)
+        times = r["step_times"][: args.steps]
+        r["train_flops"] = train_flops(r["batch_shapes"][: len(times)], vocab_size)
+        r["flops_per_s"] = r["train_flops"] / sum(times)
+        r["matmul_peak_flops_per_s"], r["matmul_dtype"] = peaks[precision], precision
+        r["fraction_of_matmul_peak"] = r["flops_per_s"] / peaks[precision]
+    return peaks
 
 
 def side_ours(args, work: Path) -> dict:
@@ -204,8 +257,20 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/asr-bench-ctc")
     ap.add_argument("--out", default=str(ROOT / "tests" / "bench" / "results" / "ctc.json"))
     ap.add_argument("--side", choices=("hf", "ours"), help=argparse.SUPPRESS)
+    ap.add_argument("--add-flops", metavar="RESULT_JSON",
+                    help="count the FLOPs of an earlier result file that recorded batch shapes, and rewrite it")
     args = ap.parse_args()
     args.cv = str(Path(args.cv).resolve())
+
+    if args.add_flops:
+        summary = json.loads(Path(args.add_flops).read_text(encoding="utf-8"))
+        if "batch_shapes" not in summary["ours"]:
+            raise SystemExit(f"{args.add_flops}: no batch shapes recorded (written before bench_ctc kept them)")
+        args.steps, args.work = summary["settings"]["steps"], summary["settings"]["work"]
+        add_flops(summary, args)
+        Path(args.add_flops).write_text(json.dumps(summary, indent=1))
+        report(summary, args.add_flops)
+        return
 
     if args.side:
         work = Path(args.work) / args.side
@@ -219,6 +284,8 @@ def main() -> None:
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
+
+    import torch
 
     from asr.allocator import preload_env
     from asr.config import load_config
@@ -237,12 +304,19 @@ def main() -> None:
     for r in results.values():
         r["step_s_median"] = statistics.median(r["step_times"][2:] or r["step_times"])
         r["audio_s_per_s"] = r["audio_s"] / sum(r["step_times"][: args.steps])
+    add_flops(results, args)
     hf, ours = results["hf"], results["ours"]
-    summary = {"settings": {k: v for k, v in vars(args).items() if k != "side"}, "model": MODEL,
+    summary = {"settings": {k: v for k, v in vars(args).items() if k not in ("side", "add_flops")}, "model": MODEL,
+               "threads": torch.get_num_threads(),
                "step_s_ratio_hf_over_ours": hf["step_s_median"] / ours["step_s_median"],
                "throughput_ratio_ours_over_hf": ours["audio_s_per_s"] / hf["audio_s_per_s"], **results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({k: v for k, v in summary.items()}, indent=1))
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+    report(summary, args.out)
+
+
+def report(summary: dict, out: str) -> None:
+    hf, ours = summary["hf"], summary["ours"]
     print(f"{'':28s} {'Trainer':>10s} {'ours':>10s}")
     print(f"{'s/step (median)':28s} {hf['step_s_median']:10.3f} {ours['step_s_median']:10.3f}   "
           f"({summary['step_s_ratio_hf_over_ours']:.2f}x)")
@@ -252,8 +326,13 @@ def main() -> None:
     print(f"{'clips per batch (mean)':28s} {hf['mean_batch_clips']:10.1f} {ours['mean_batch_clips']:10.1f}")
     print(f"{'CER after training (%)':28s} {hf['cer']:10.2f} {ours['cer']:10.2f}")
     print(f"{'peak resident memory (MB)':28s} {hf['peak_rss_mb']:10.0f} {ours['peak_rss_mb']:10.0f}")
-    print(f"wrote {args.out}")
-
+    if "flops_per_s" in ours:
+        print(f"{'training GFLOP/s':28s} {hf['flops_per_s'] / 1e9:10.2f} {ours['flops_per_s'] / 1e9:10.2f}")
+        print(f"{'  % of matmul peak':28s} {100 * hf['fraction_of_matmul_peak']:10.1f} "
+              f"{100 * ours['fraction_of_matmul_peak']:10.1f}   (of "
+              + ", ".join(f"{r['matmul_dtype']} {r['matmul_peak_flops_per_s'] / 1e9:.0f}" for r in (hf, ours))
+              + " GFLOP/s)")
+    print(f"wrote {out}")
 
 if __name__ == "__main__":
     main()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from benchlib import shared_args, trained_precision  # noqa: E402
+from benchlib import matmul_flops_per_s, shared_args, trained_precision  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -72,27 +72,6 @@ def whisper_train_flops_per_sample(config, label_tokens: float) -> float:
     )
     macs += L * d * V  # output projection
     return 3 * 2 * macs
-
-
-def matmul_flops_per_s(n: int = 3072, repeats: int = 3, rounds: int = 5, device: str = "cpu",
-                       dtype: str = "fp32") -> float:
-    """The machine's matmul rate in `dtype` on `device`: the best of several timed rounds (the first call warms the
-    threads, or the GPU's clocks and cuBLAS, up)."""
-    import torch
-
-    kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a, b = torch.randn(n, n, device=device, dtype=kind), torch.randn(n, n, device=device, dtype=kind)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    torch.mm(a, b)
-    sync()
-    best = 0.0
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(repeats):
-            torch.mm(a, b)
-        sync()
-        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
-    return best
 
 
 # ---------------------------------------------------------------------------------------

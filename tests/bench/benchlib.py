@@ -1,10 +1,12 @@
-"""What the benchmark scripts share: the shared corpus and model arguments, and printing plus writing a result."""
+"""What the benchmark scripts share: the shared corpus and model arguments, printing plus writing a result, the
+machine's matmul rate (for FLOP/s fractions)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,3 +31,24 @@ def write_result(result: dict, out: str | Path, digits: int = 2) -> None:
 def trained_precision(log: str) -> str:
     """The precision a run's train.log says it trained in (what `auto` resolved to)."""
     return re.search(r"training precision (\w+)", log).group(1)
+
+
+def matmul_flops_per_s(n: int = 3072, repeats: int = 3, rounds: int = 5, device: str = "cpu",
+                       dtype: str = "fp32") -> float:
+    """The machine's matmul rate in `dtype` on `device`: the best of several timed rounds (the first call warms the
+    threads, or the GPU's clocks and cuBLAS, up)."""
+    import torch
+
+    kind = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, b = torch.randn(n, n, device=device, dtype=kind), torch.randn(n, n, device=device, dtype=kind)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    torch.mm(a, b)
+    sync()
+    best = 0.0
+    for _ in range(rounds):
+        t = time.perf_counter()
+        for _ in range(repeats):
+            torch.mm(a, b)
+        sync()
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - t))
+    return best

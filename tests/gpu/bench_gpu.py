@@ -46,7 +46,7 @@ def main() -> int:
     import torch
 
     from asr.audio import log_mel
-    from bench_vs_hf import matmul_flops_per_s
+    from benchlib import matmul_flops_per_s
 
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
