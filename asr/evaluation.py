@@ -27,8 +27,8 @@ from asr import distributed as dist
 from asr.config import Config, ConfigError, eval_set_kind, eval_set_specs
 from asr.data import AudioDataset, Utterance, collate, load_utterance_audio
 from asr.decode import ctc_decode, decode_tag, whisper_generate
-from asr.experiment import (EXPORT_INFO, Board, TrainingError, autocast_for, eval_precision, prepare,
-                            record_decode_failures, start_run, unlock_run_dir)
+from asr.experiment import (EXPORT_INFO, Board, TrainingError, autocast_for, eval_precision, guard_bf16_convs,
+                            prepare, record_decode_failures, start_run, unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
 from asr.metrics import (breakdown, error_analysis, error_rates, format_errs, hallucination_metrics,
                          utterance_counts_all)
@@ -388,9 +388,12 @@ def evaluate_only(cfg: Config, checkpoint: str | None = None) -> dict:
         bundle.model.to(device)
         tb = Board(out / "tb", log) if dist.is_main() else None
         loss_name = cfg.train.loss or DEFAULT_LOSS[bundle.family]
+        precision = eval_precision(cfg, device, log, bundle.family)
+        if precision == "bf16":
+            guard_bf16_convs(bundle.model, device, log)
         run = SimpleNamespace(cfg=cfg, bundle=bundle, data=data, device=device, out=out, log=log, tb=tb,  # as a Run
                               loss_fn=loss_function(cfg.train, bundle.family), loss_name=loss_name,
-                              eval_autocast=autocast_for(eval_precision(cfg, device, log, bundle.family), device))
+                              eval_autocast=autocast_for(precision, device))
         tag, results = decode_tag(cfg.decode), {}
         for k, (name, src, split) in enumerate(eval_set_specs(cfg)):
             info = {"set": name, "split": split, "data": f"{src}/{split}", "step": step, "decode": tag,

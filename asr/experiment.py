@@ -269,6 +269,52 @@ def autocast_for(precision: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
 
 
+def guard_bf16_convs(model: torch.nn.Module, device: torch.device, log) -> list[str]:
+    """Run in float32 the convolutions of `model` whose bf16 result on this CPU is wrong; returns their names.
+
+    torch 2.9's oneDNN gives garbage for some bf16 convolution shapes on CPUs with native bf16 (a grouped Conv1d with
+    8 input channels per group and a kernel of 8 to 128 taps, as in a small Wav2Vec2's positional embedding:
+    relative error 1.1, against 2e-3 for bf16 rounding), and a model trained through it learns nothing (CTC from
+    scratch stayed blank for 1000 steps). Each convolution shape of `model` is computed once in bf16 on random
+    data and compared with float64; one off by more than 5% runs with autocast off (its input cast to float32),
+    and the log names it."""
+    if device.type != "cpu":
+        return []
+    import torch.nn.functional as F
+
+    checked, names = {}, []
+    for name, m in model.named_modules():
+        if not isinstance(m, (torch.nn.Conv1d, torch.nn.Conv2d)):
+            continue
+        if getattr(m, "bf16_fp32_guard", False):  # already guarded
+            names.append(name)
+            continue
+        dims = 1 if isinstance(m, torch.nn.Conv1d) else 2
+        key = (dims, m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+        if key not in checked:
+            conv = F.conv1d if dims == 1 else F.conv2d
+            gen = torch.Generator().manual_seed(0)
+            size = [d * (k - 1) + 1 + 8 * s for k, s, d in zip(m.kernel_size, m.stride, m.dilation)]
+            x = torch.randn(2, m.in_channels, *size, generator=gen).bfloat16()
+            w = torch.randn(m.out_channels, m.in_channels // m.groups, *m.kernel_size, generator=gen).bfloat16()
+            args = (None, m.stride, m.padding, m.dilation, m.groups)
+            exact = conv(x.double(), w.double(), *args)
+            checked[key] = float((conv(x, w, *args).double() - exact).norm() / exact.norm().clamp_min(1e-30))
+        if checked[key] > 0.05:
+            base = type(m)
+            m.__class__ = type(f"Fp32{base.__name__}", (base,), {"forward": _fp32_forward, "bf16_fp32_guard": True})
+            names.append(f"{name} (bf16 error {checked[key]:.2f})")
+    if names:
+        log(f"bf16: {len(names)} convolution(s) give wrong bf16 results on this CPU (oneDNN) and run in float32: "
+            + ", ".join(names))
+    return names
+
+
+def _fp32_forward(self, x):
+    with torch.autocast(x.device.type, enabled=False):
+        return super(type(self), self).forward(x.float())
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

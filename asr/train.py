@@ -26,8 +26,9 @@ from asr.augment import enabled as augment_enabled
 from asr.config import Config, ConfigError, to_toml
 from asr.data import AudioDataset, DataError, DurationBatchSampler, Utterance, collate, write_report
 from asr.evaluation import check_scored, evaluate_sets
-from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, choose_precision,
-                            eval_precision, export_to, lock_run_dir, prepare, record_decode_failures, start_run, unlock_run_dir)
+from asr.experiment import (Board, Data, Log, Progress, TrainingError, autocast_for, choose_precision, eval_precision,
+                            export_to, guard_bf16_convs, lock_run_dir, prepare, record_decode_failures, start_run,
+                            unlock_run_dir)
 from asr.losses import DEFAULT_LOSS, loss_function
 from asr.models import (Bundle, infer_family, layer_drop_context, loss_step, numpy_layer_drop, parameter_summary,
                         select_parameters, set_encoder_frozen, uses_layerdrop)
@@ -207,7 +208,10 @@ def setup(cfg: Config, fresh: bool) -> Run:
     saved_names = {n for n, p in model.named_parameters() if p.requires_grad} if tc.save_trainable_only else None
     precision, why = choose_precision(tc.precision, device, family=bundle.family)
     log(f"training precision {precision} ({why})")
-    eval_autocast = autocast_for(eval_precision(cfg, device, log, bundle.family), device)
+    eval_prec = eval_precision(cfg, device, log, bundle.family)
+    eval_autocast = autocast_for(eval_prec, device)
+    if "bf16" in (precision, eval_prec):
+        guard_bf16_convs(model, device, log)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     skeleton = None
     if tc.parallel == "fsdp" and dist.is_initialized():  # before the optimizer: sharding replaces the parameters

@@ -136,3 +136,95 @@ def test_a_default_run_trains_and_evaluates_in_autos_choice_for_its_family(tmp_p
     assert f"training precision {precision} ({why})" in log
     assert f"evaluation precision {precision} ({why})" in log
     assert precision == ("bf16" if family == "whisper" and experiment.cpu_bf16_flags() else "fp32")
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
+
+
+@pytest.mark.parametrize("model", ["tiny_ctc", "demo", "tiny_whisper"])
+def test_bf16_forward_agrees_with_fp32(tmp_path, model):
+    """The whole model's bf16-autocast forward agrees with its float32 forward to bf16 rounding, after
+    guard_bf16_convs as training and evaluation run it. torch 2.9's oneDNN gets a small Wav2Vec2's grouped
+    positional convolution (2 to 12 input channels per group, 8 to 128 taps) wrong in bf16 on CPUs with native
+    bf16: there the logits differed by more than their own size, and the demo model trained in bf16 stayed blank."""
+    from asr.config import load_config
+    from asr.experiment import guard_bf16_convs
+    from asr.text import CharVocab
+
+    if model == "demo":
+        cfg = load_config("experiments/demo.toml")
+    else:
+        cfg = (tiny_ctc_config if model == "tiny_ctc" else tiny_whisper_config)(tmp_path)
+    bundle = build(cfg.model, CharVocab.build(["abc def"]), ["tr"])
+    bundle.model.eval()
+    torch.manual_seed(0)
+    audio = torch.randn(2, 32000) * 0.1
+    batch = {"audio": audio, "audio_lengths": torch.tensor([32000, 24000]),
+             "labels": torch.tensor([bundle.prefix_tokens("tr") + [400, 401]] * 2) if model == "tiny_whisper" else None}
+    inputs = model_inputs(bundle, batch, torch.device("cpu"))
+    guard_bf16_convs(bundle.model, torch.device("cpu"), lambda line: None)
+    with torch.no_grad():
+        fp32 = bundle.model(**inputs).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = bundle.model(**inputs).logits
+    assert _relative_error(bf16, fp32) < 0.05
+
+
+def test_guard_runs_a_wrong_bf16_conv_in_fp32(monkeypatch):
+    """Where a bf16 convolution is wrong (here made so: grouped bf16 convolutions return garbage), the guard finds
+    it by shape, runs it in float32 under autocast and names it; other convolutions are left alone; the parameters
+    (a weight-normed conv, as Wav2Vec2's) keep their names; a copy and a second guard keep working."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from asr.experiment import guard_bf16_convs
+
+    real = F.conv1d
+
+    def buggy(x, w, *args, **kwargs):
+        groups = args[4] if len(args) > 4 else kwargs.get("groups", 1)
+        out = real(x, w, *args, **kwargs)
+        return out.flip(-1) if x.dtype == torch.bfloat16 and groups > 1 else out
+
+    monkeypatch.setattr(F, "conv1d", buggy)
+    torch.manual_seed(0)
+    grouped = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(32, 32, 16, padding=8, groups=16), dim=2)
+    model = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 3, padding=1), torch.nn.GELU(), grouped)
+    keys = list(model.state_dict())
+    x = torch.randn(2, 4, 50)
+    expected = model(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _relative_error(model(x), expected) > 0.5  # the fault is real before the guard
+    lines = []
+    names = guard_bf16_convs(model, torch.device("cpu"), lines.append)
+    assert [n.split(" ")[0] for n in names] == ["2"] and len(lines) == 1 and "run in float32: 2 (bf16 error" in lines[0]
+    assert type(model[0]) is torch.nn.Conv1d and list(model.state_dict()) == keys
+    for m in (model, copy.deepcopy(model)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert _relative_error(m(x), expected) < 0.05
+    assert torch.equal(model(x), expected)  # float32 untouched
+    assert len(guard_bf16_convs(model, torch.device("cpu"), lines.append)) == 1  # guarded once, not wrapped again
+    assert type(model[2]).__name__ == "Fp32ParametrizedConv1d" and type(model[2]).__base__.__name__ == "ParametrizedConv1d"
+
+
+def test_bf16_training_and_evaluation_guard_the_model(tmp_path, monkeypatch):
+    """Training with train.precision = bf16 and an evaluation-only run in bf16 both run the guard (made to find
+    the positional convolution wrong here, so the wiring is tested on any CPU) and log what runs in float32."""
+    import torch.nn.functional as F
+
+    from asr.evaluation import evaluate_only
+
+    real = F.conv1d
+    monkeypatch.setattr(F, "conv1d", lambda x, w, *a, **k: real(x, w, *a, **k) * (
+        -1 if x.dtype == torch.bfloat16 and x.shape[1] != w.shape[1] else 1))  # grouped bf16: wrong
+    cfg = tiny_ctc_config(tmp_path / "run", max_steps=2, precision="bf16")
+    cfg.eval.at_start = False
+    train(cfg, fresh=True)
+    line = "run in float32: wav2vec2.encoder.pos_conv_embed.conv (bf16 error"
+    assert line in (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    cfg.train.precision, cfg.eval.precision = "fp32", "bf16"
+    (tmp_path / "run" / "train.log").write_text("", encoding="utf-8")
+    evaluate_only(cfg)
+    assert line in (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
