@@ -276,8 +276,8 @@ def guard_bf16_convs(model: torch.nn.Module, device: torch.device, log) -> list[
     8 input channels per group and a kernel of 8 to 128 taps, as in a small Wav2Vec2's positional embedding:
     relative error 1.1, against 2e-3 for bf16 rounding), and a model trained through it learns nothing (CTC from
     scratch stayed blank for 1000 steps). Each convolution shape of `model` is computed once in bf16 on random
-    data and compared with float64; one off by more than 5% runs with autocast off (its input cast to float32),
-    and the log names it."""
+    data and compared with float64; one off by more than 5% runs with autocast off (its input and weights cast to
+    float32, its output cast back to the input's dtype), and the log names it."""
     if device.type != "cpu":
         return []
     import torch.nn.functional as F
@@ -310,9 +310,10 @@ def guard_bf16_convs(model: torch.nn.Module, device: torch.device, log) -> list[
     return names
 
 
-def _fp32_forward(self, x):
+def _fp32_forward(self, x):  # also where FSDP gathered the weights in bf16; the output in the input's dtype
     with torch.autocast(x.device.type, enabled=False):
-        return super(type(self), self).forward(x.float())
+        bias = None if self.bias is None else self.bias.float()
+        return self._conv_forward(x.float(), self.weight.float(), bias).to(x.dtype)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,6 +1,6 @@
 """train.parallel = "fsdp" (issue 15 §2): FSDP2 on CPU with gloo, against DistributedDataParallel.
 
-One torchrun launch (2 ranks) trains four runs in one process group (tests/fsdp_worker.py): a tiny Whisper and a
+One torchrun launch (2 ranks) trains the runs in one process group (tests/fsdp_worker.py): a tiny Whisper and a
 tiny CTC model, each under ddp and under fsdp, 5 steps with a checkpoint at step 3. The fsdp runs must give the
 ddp runs' per-step losses and gradient norms (clipping on: the norms are above train.clip_grad) and, up to the
 order of the additions, their final weights, in best/ and final/ exports gathered to rank 0. Then, in this
@@ -57,6 +57,10 @@ def runs(tmp_path_factory) -> dict[tuple[str, str], Path]:
     stopped = run_config("whisper", folders["whisper", "stopped"], "fsdp")
     stopped.train.save_every = 0  # only the stop saves
     exps.append(f"{write_exp(stopped, root / 'whisper-stopped.toml')}@{SAVED}")
+    folders["ctc", "fsdp-bf16"] = root / "ctc-fsdp-bf16"  # last: the worker's fault stays on after it
+    bf16 = run_config("ctc", folders["ctc", "fsdp-bf16"], "fsdp")
+    bf16.train.precision = "bf16"
+    exps.append(str(write_exp(bf16, root / "ctc-fsdp-bf16-conv-fault.toml")))
     logs = root / "logs"
     args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
             f"--master_port={free_port()}", f"--log-dir={logs}", "--redirects=3", "tests/fsdp_worker.py", *exps]
@@ -104,6 +108,18 @@ def test_fsdp_matches_ddp_on_two_ranks(runs, family):
         assert set(w2) <= set(w1) and len(w2) >= len(w1) - 1  # save_pretrained leaves out a tied copy
         worst = max(((w1[k] - w2[k]).abs().max().item(), k) for k in w2)
         assert all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w2), f"largest difference {worst}"
+
+
+def test_fsdp_bf16_guards_the_wrong_conv_and_agrees_with_fp32(runs):
+    """fsdp in bf16 gathers the parameters in bf16 (no autocast), so the CPU's wrong bf16 convolutions are hit
+    directly: the guard (made to find the positional convolution wrong by the worker, on any CPU) runs it in
+    float32 with the bf16 weights cast up (without the cast: a dtype error), and the first step's loss is within
+    2% of the fp32 run's."""
+    bf16, fp32 = runs["ctc", "fsdp-bf16"], runs["ctc", "ddp"]
+    log = (bf16 / "train.log").read_text(encoding="utf-8")
+    assert "training precision bf16" in log and "run in float32: wav2vec2.encoder.pos_conv_embed.conv" in log
+    first = logged(bf16, "loss")[0], logged(fp32, "loss")[0]
+    assert abs(first[0] - first[1]) < 0.02 * first[1], first
 
 
 def test_a_damaged_shard_fails_verification(runs, tmp_path):
