@@ -239,7 +239,8 @@ def choose_precision(name: str, device: torch.device, key: str = "train.precisio
     """(precision, why) for setting `key` = `name` on `device` for a model of `family` (whisper | ctc). `auto`:
     bf16 (fp16 without bf16) on CUDA; on a CPU with native bf16 (avx512_bf16, amx_bf16), bf16 for Whisper, whose
     step it runs about 2x faster with WER within 0.6 points of fp32 after 20 and 100 steps (bench_bf16, README
-    "Benchmarks"), and fp32 for CTC models, whose accuracy under bf16 is not yet measured; else fp32."""
+    "Benchmarks"), and fp32 for CTC models, whose accuracy under bf16 is measured only on a small model trained
+    from scratch (bench_ctc), not on a pretrained encoder's fine-tuning; else fp32."""
     if name != "auto":
         return name, f"{key} = {name!r}"
     if device.type == "cuda":
@@ -251,8 +252,8 @@ def choose_precision(name: str, device: torch.device, key: str = "train.precisio
     if family == "whisper":
         return "bf16", (f"{key} = 'auto' on a CPU with native bf16 ({', '.join(flags)}); set 'fp32' for "
                         f"full precision")
-    return "fp32", (f"{key} = 'auto' for a CTC model on the CPU: its accuracy under bf16 is not yet measured; "
-                    f"this CPU has native bf16 ({', '.join(flags)}): set 'bf16' for faster steps")
+    return "fp32", (f"{key} = 'auto' for a CTC model on the CPU: bf16's accuracy is measured only for a small model "
+                    f"trained from scratch; this CPU has native bf16 ({', '.join(flags)}): set 'bf16' for faster steps")
 
 
 def eval_precision(cfg: Config, device: torch.device, log, family: str) -> str:
