@@ -274,7 +274,7 @@ def guard_bf16_convs(model: torch.nn.Module, device: torch.device, log) -> list[
     """Run in float32 the convolutions of `model` whose bf16 result on this CPU is wrong; returns their names.
 
     torch 2.9's oneDNN gives garbage for some bf16 convolution shapes on CPUs with native bf16 (a grouped Conv1d with
-    2 to 12 input channels per group and 8 to 128 taps, as in a small Wav2Vec2's positional embedding:
+    2, 4, 6, 8 or 12 input channels per group and 8 to 128 taps, as in a small Wav2Vec2's positional embedding:
     relative error 1.1, against 2e-3 for bf16 rounding), and a model trained through it learns nothing (CTC from
     scratch stayed blank for 1000 steps). Each convolution shape of `model` is computed once in bf16 on random
     data and compared with float64; one off by more than 5% runs with autocast off (its input and weights cast to
