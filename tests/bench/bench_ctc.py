@@ -54,10 +54,10 @@ def base_overrides(args, out_dir: Path) -> list[str]:
     ] + model_overrides()
 
 
-def train_flops(shapes: list[list[int]], vocab_size: int) -> float:
+def flops_per_clip(vocab_size: int, longest: int):
     """Forward + backward FLOPs (matmuls and convolutions, as torch's FlopCounterMode counts them) of the model on
-    batches of `shapes` ([clips, padded samples] per step). Counted on the CPU at four lengths for one clip; a*N + b*N^2
-    fits them to 0.1% (the attention is the N^2 term); a batch is `clips` times that."""
+    one clip of N samples, as a function of N: counted on the CPU at four lengths up to `longest`; a*N + b*N^2 fits
+    them to 0.1% (the attention is the N^2 term). A batch of `clips` padded to N is `clips` times that."""
     import numpy as np
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -72,7 +72,6 @@ def train_flops(shapes: list[list[int]], vocab_size: int) -> float:
             return vocab_size
 
     bundle = build(load_config(None, model_overrides()).model, Vocab())
-    longest = max(n for _, n in shapes)
     lengths = np.linspace(16000, max(longest, 32000), 4).round()
     counts = []
     for n in lengths:
@@ -82,26 +81,27 @@ def train_flops(shapes: list[list[int]], vocab_size: int) -> float:
             out.logits.float().log_softmax(-1).sum().backward()
         counts.append(counter.get_total_flops())
     a, b = np.linalg.lstsq(np.stack([lengths, lengths**2], 1), np.array(counts, float), rcond=None)[0]
-    return float(sum(clips * (a * n + b * n * n) for clips, n in shapes))
+    return lambda n: float(a * n + b * n * n)
 
 
-def add_flops(results: dict, args) -> dict:
-    """Each side's achieved FLOP/s over its timed steps (on padded shapes: the work done) and its fraction of the
-    matmul rate in that side's precision (the Trainer's: fp32 on the CPU), measured here, after the sides, on an
-    otherwise idle machine. Returns the rates measured, by precision."""
+def add_flops(results: dict, args) -> None:
+    """Each side's achieved FLOP/s over its timed steps (on padded shapes [clips, samples]: the work done) and its
+    fraction of the matmul rate in that side's precision (the Trainer's: fp32 on the CPU), measured here, after the
+    sides, on an otherwise idle machine."""
     vocab_size = len(json.loads((Path(args.work) / "hf" / "vocab.json").read_text(encoding="utf-8")))
+    shapes = {side: results[side]["batch_shapes"][: len(results[side]["step_times"][: args.steps])]
+              for side in ("hf", "ours")}
+    per_clip = flops_per_clip(vocab_size, max(n for s in shapes.values() for _, n in s))
     peaks = {}
     for side in ("hf", "ours"):
         r = results[side]
         precision = r.get("precision", "fp32")
         if precision not in peaks:
             peaks[precision] = matmul_flops_per_s(dtype=precision)
-        times = r["step_times"][: args.steps]
-        r["train_flops"] = train_flops(r["batch_shapes"][: len(times)], vocab_size)
-        r["flops_per_s"] = r["train_flops"] / sum(times)
+        r["train_flops"] = sum(clips * per_clip(n) for clips, n in shapes[side])
+        r["flops_per_s"] = r["train_flops"] / sum(r["step_times"][: args.steps])
         r["matmul_peak_flops_per_s"], r["matmul_dtype"] = peaks[precision], precision
         r["fraction_of_matmul_peak"] = r["flops_per_s"] / peaks[precision]
-    return peaks
 
 
 def side_ours(args, work: Path) -> dict:
@@ -333,6 +333,7 @@ def report(summary: dict, out: str) -> None:
               + ", ".join(f"{r['matmul_dtype']} {r['matmul_peak_flops_per_s'] / 1e9:.0f}" for r in (hf, ours))
               + " GFLOP/s)")
     print(f"wrote {out}")
+
 
 if __name__ == "__main__":
     main()
