@@ -17,11 +17,10 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchlib import ROOT, shared_args  # tests/bench is the script's folder: on sys.path
+from benchlib import ROOT, shared_args, whisper_base_run  # tests/bench is the script's folder: on sys.path
 
 
 def main() -> None:
@@ -42,17 +41,11 @@ def main() -> None:
         out = Path(args.work) / precision
         rows = []
         for i, steps in enumerate(sorted(args.steps)):
-            cmd = [sys.executable, str(ROOT / "run.py"), "--exp", str(ROOT / "experiments" / "tr_whisper_base.toml"),
-                   "--set", f"run.out_dir={out}", "--set", f"run.seed={args.seed}",
-                   "--set", f"model.name={Path(args.model).resolve()}",
-                   "--set", f'data.sources=[{{kind = "common_voice", path = "{Path(args.cv).resolve()}", '
-                            f'language = "{args.lang}", train = "train", dev = "test"}}]',
-                   "--set", f"data.batch_size={args.batch}", "--set", f"train.max_steps={steps}",
-                   "--set", "train.schedule=constant", "--set", f"train.warmup_steps={args.warmup}",
-                   "--set", f"train.lr={args.lr}", "--set", f"train.precision={precision}",
-                   "--set", f"train.eval_every={max(args.steps) + 1}", "--set", f"train.save_every={max(args.steps) + 1}",
-                   "--set", "eval.at_start=false", "--set", f"eval.max_utterances={args.eval_limit}",
-                   "--set", "preflight.enabled=false"]
+            cmd = whisper_base_run(
+                args, out, "test", f"train.max_steps={steps}", "train.schedule=constant",
+                f"train.warmup_steps={args.warmup}", f"train.lr={args.lr}", f"train.precision={precision}",
+                f"train.eval_every={max(args.steps) + 1}", f"train.save_every={max(args.steps) + 1}",
+                "eval.at_start=false", f"eval.max_utterances={args.eval_limit}", "preflight.enabled=false")
             if i == 0:
                 cmd.append("--fresh")
             t = time.perf_counter()

@@ -22,25 +22,19 @@ import json
 import re
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-from benchlib import ROOT, shared_args, trained_precision  # tests/bench is the script's folder: on sys.path
+from benchlib import ROOT, shared_args, trained_precision, whisper_base_run  # tests/bench is the script's folder: on sys.path
 
 
 def run(args, compiled: bool) -> dict:
     out = Path(args.work) / ("compiled" if compiled else "eager")
-    cmd = [sys.executable, str(ROOT / "run.py"), "--exp", str(ROOT / "experiments" / "tr_whisper_base.toml"),
-           "--fresh", "--set", f"run.out_dir={out}", "--set", f"run.seed={args.seed}",
-           "--set", f"model.name={Path(args.model).resolve()}",
-           "--set", f'data.sources=[{{kind = "common_voice", path = "{Path(args.cv).resolve()}", '
-                    f'language = "{args.lang}", train = "train", dev = "dev"}}]',
-           "--set", f"data.batch_size={args.batch}", "--set", f"train.max_steps={args.steps}",
-           "--set", f"train.warmup_steps={min(5, args.steps)}", "--set", "train.log_every=1",
-           "--set", f"train.precision={args.precision}", "--set", f"train.compile={str(compiled).lower()}",
-           "--set", f"train.eval_every={args.steps + 1}", "--set", f"train.save_every={args.steps + 1}",
-           "--set", "eval.at_start=false", "--set", "eval.max_utterances=1", "--set", "preflight.enabled=false"]
+    cmd = whisper_base_run(
+        args, out, "dev", f"train.max_steps={args.steps}", f"train.warmup_steps={min(5, args.steps)}",
+        "train.log_every=1", f"train.precision={args.precision}", f"train.compile={str(compiled).lower()}",
+        f"train.eval_every={args.steps + 1}", f"train.save_every={args.steps + 1}", "eval.at_start=false",
+        "eval.max_utterances=1", "preflight.enabled=false") + ["--fresh"]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
     wall = time.perf_counter() - t

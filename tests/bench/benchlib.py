@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +19,20 @@ def shared_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default=str(SHARED / "models" / "whisper-base"))
     ap.add_argument("--cv", default=str(SHARED / "data" / "synth-cv" / "tr"))
     ap.add_argument("--lang", default="tr")
+
+
+def whisper_base_run(args, out: Path, dev: str, *sets: str) -> list[str]:
+    """The run.py command of experiments/tr_whisper_base.toml on --model and --cv (--lang), with `dev` as the
+    source's dev split, run.out_dir `out`, run.seed --seed, data.batch_size --batch and the `sets` (KEY=VALUE)."""
+    cmd = [sys.executable, str(ROOT / "run.py"), "--exp", str(ROOT / "experiments" / "tr_whisper_base.toml"),
+           "--set", f"run.out_dir={out}", "--set", f"run.seed={args.seed}",
+           "--set", f"model.name={Path(args.model).resolve()}",
+           "--set", f'data.sources=[{{kind = "common_voice", path = "{Path(args.cv).resolve()}", '
+                    f'language = "{args.lang}", train = "train", dev = "{dev}"}}]',
+           "--set", f"data.batch_size={args.batch}"]
+    for kv in sets:
+        cmd += ["--set", kv]
+    return cmd
 
 
 def write_result(result: dict, out: str | Path, digits: int = 2) -> None:
