@@ -13,7 +13,7 @@ from asr import experiment
 from asr.models import build, loss_step, model_inputs
 from asr.train import train
 
-from helpers import (final_params, needs_whisper_base, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
+from helpers import (faulty_grouped_bf16_conv1d, final_params, needs_whisper_base, read_json, read_tsv, same_clips_config, scalars, tiny_ctc_config,
                      tiny_whisper_config)
 
 
@@ -181,14 +181,7 @@ def test_guard_runs_a_wrong_bf16_conv_in_fp32(monkeypatch):
 
     from asr.experiment import guard_bf16_convs
 
-    real = F.conv1d
-
-    def buggy(x, w, *args, **kwargs):
-        groups = args[4] if len(args) > 4 else kwargs.get("groups", 1)
-        out = real(x, w, *args, **kwargs)
-        return out.flip(-1) if x.dtype == torch.bfloat16 and groups > 1 else out
-
-    monkeypatch.setattr(F, "conv1d", buggy)
+    monkeypatch.setattr(F, "conv1d", faulty_grouped_bf16_conv1d(F.conv1d))
     torch.manual_seed(0)
     grouped = torch.nn.utils.parametrizations.weight_norm(torch.nn.Conv1d(32, 32, 16, padding=8, groups=16), dim=2)
     model = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 3, padding=1), torch.nn.GELU(), grouped)
@@ -216,9 +209,7 @@ def test_bf16_training_and_evaluation_guard_the_model(tmp_path, monkeypatch):
 
     from asr.evaluation import evaluate_only
 
-    real = F.conv1d
-    monkeypatch.setattr(F, "conv1d", lambda x, w, *a, **k: real(x, w, *a, **k) * (
-        -1 if x.dtype == torch.bfloat16 and x.shape[1] != w.shape[1] else 1))  # grouped bf16: wrong
+    monkeypatch.setattr(F, "conv1d", faulty_grouped_bf16_conv1d(F.conv1d))
     cfg = tiny_ctc_config(tmp_path / "run", max_steps=2, precision="bf16")
     cfg.eval.at_start = False
     train(cfg, fresh=True)
